@@ -1,0 +1,61 @@
+"""The batch every loader yields and every model consumes.
+
+Shapes use B = batch, C = 3 channels, T = frames, H, W = pixels, L = text length, Hp, Wp = patch grid.
+Video is (B, C, T, H, W) -- the layout at the model boundary of the original and LAVIS -- float32, already
+normalised with the CLIP mean/std. Images arrive as static clips: the frame tiled T times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Batch:
+    type: Literal["video", "image"]  # batches are homogeneous; selects the prompter's prompt set
+    keys: list[str]  # sample keys (B), as stored in the shards
+    video: torch.Tensor  # (B, C, T, H, W) float32, CLIP-normalised
+    input_ids: torch.Tensor  # (B, L) int64: caption (pre-train / retrieval) or question (QA), padded
+    attention_mask: torch.Tensor  # (B, L) int64, 1 = real token
+    texts: list[str] = field(default_factory=list)  # the raw caption / question behind input_ids (B)
+
+    # MLM (pre-training): the collator's 15% masking, 80/10/10.
+    mlm_input_ids: torch.Tensor | None = None  # (B, L) int64, masked copy of input_ids
+    mlm_labels: torch.Tensor | None = None  # (B, L) int64, original id at masked positions, -100 elsewhere
+
+    # PEM (pre-training): one box per clip, the same in every frame, snapped to the patch grid.
+    crop_video: torch.Tensor | None = None  # (B, C, T, H, W): video with all pixels outside the box set to
+    #                                          the normalised value of a 0 pixel, i.e. -mean/std (as the original)
+    pem_mask: torch.Tensor | None = None  # (B, Hp*Wp) float32: 1 = patch inside the box, 0 = outside
+    #                                       (the original's `mpm_mask` is the complement: 1 - pem_mask)
+    pem_box: torch.Tensor | None = None  # (B, 4) int64 (top, left, height, width) in pixels
+
+    # QA
+    answer_ids: torch.Tensor | None = None  # (B,) int64 index into the answer vocabulary, -100 if not in it
+    answer_types: list[str] | None = None  # (B) e.g. 'color', 'shape', 'count', 'direction'
+    answers: list[str] | None = None  # (B) raw answer strings
+
+    # Evaluation: every caption of each clip (retrieval ground truth; DiDeMo paragraph mode joins them).
+    all_texts: list[list[str]] | None = None
+
+    # DALI cannot drop a sample inside a batch: placeholders for undecodable clips carry valid=False.
+    valid: torch.Tensor | None = None  # (B,) bool
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        """Move every tensor field to ``device``; other fields are shared."""
+        changes = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if torch.is_tensor(getattr(self, f.name))
+        }
+        return dataclasses.replace(self, **changes)
