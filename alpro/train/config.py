@@ -1,0 +1,174 @@
+"""The run config: one typed section per component, loaded from ``launch/configs/STAGE.yaml`` + overrides.
+
+    alpro train --config launch/configs/pretrain_debug.yaml --optim.lr 5e-5 --train.steps 100
+
+A stage file may name a base with ``base: other.yaml`` (merged first, paths relative to the file). The
+``model:`` section starts from ``model.preset`` (``alpro-base``, ``tiny``, ``debug``) and overrides fields.
+Everything is validated at start: an unknown key, a wrong type or a missing data path is one clear error.
+The resolved config is written to ``RUN/config.yaml`` and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from alpro.config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
+from alpro.data import DataConfig
+from alpro.models import ModelConfig
+
+Stage = Literal["prompter", "pretrain", "retrieval", "qa"]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (pre-training 1e-4, MSRVTT-ret 2.5e-5, DiDeMo 4e-5, QA 5e-5)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    """The original's HF-style AdamW used eps 1e-6."""
+    weight_decay: float = 1e-3
+    """The paper's 1e-3. The original code never passed it to its optimizer (effectively 0.0): set 0.0 to
+    reproduce the released code exactly."""
+    decay_all_params: bool = False
+    """True = one group with weight decay on every parameter, as the original's single group; False = exclude
+    ``model.no_weight_decay()`` (biases, norms, embeddings, temperature)."""
+    warmup_ratio: float = 0.05
+    """Linear warm-up over this fraction of the steps, then linear decay to 0 (the original's warmup_linear)."""
+    grad_clip: float = 20.0
+    """Global gradient-norm clip (0 = off). Pre-training 20, MSRVTT 5."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError("grad_clip and weight_decay must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: Path = Path("runs/default")
+    """Run directory: config.yaml, train.log, metrics.jsonl, tb/, plots/, checkpoints/, final/."""
+    resume: str | None = None
+    """None = fresh run (refuses an existing run directory); 'auto' = newest checkpoint of run_dir if any;
+    or a checkpoint / run directory path."""
+    epochs: float = 10.0
+    """Length in epochs of the (first) training source; ignored when ``steps`` is set."""
+    steps: int | None = None
+    """Number of optimizer steps; overrides ``epochs``."""
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    zero_stage: int = 2
+    ds_config: Path | None = Path("launch/ds_configs/zero2.json")
+    grad_checkpointing: bool = False
+    log_interval: int = 10
+    save_interval: int = 0
+    """Save a checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 3
+    eval_interval: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    eval_at_start: bool = False
+    """Evaluate before the first step (the original's zero-shot validation at step 0)."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """Non-finite loss or gradients: stop (naming the step and the loss) or skip the step."""
+    max_skipped_steps: int = 20
+    tensorboard: bool = True
+    log_all_ranks: bool = False
+    threads: int | None = None
+    """torch.set_num_threads per rank (torchrun sets OMP_NUM_THREADS=1)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs <= 0 or self.grad_accum < 1 or self.log_interval < 1:
+            raise ValueError("epochs must be > 0, grad_accum and log_interval >= 1")
+
+
+@dataclass
+class InitConfig:
+    """Where weights come from. Weights-only initialisation is separate from resuming a run."""
+
+    weights: Path | None = None
+    """A checkpoint to initialise the model from (ours, original ALPRO or LAVIS; weights only)."""
+    prompter: Path | None = None
+    """Pre-training: the VTC-only prompter checkpoint (frozen)."""
+    vit: Path | None = None
+    """A local timm ViT-B/16 checkpoint file for the video encoder (ImageNet-21k in the paper)."""
+    bert: Path | None = None
+    """A local Hugging Face BERT directory (bert-base-uncased in the paper)."""
+    tokenizer: Path | None = None
+    """A local tokenizer directory; None = the one saved with ``weights``/``prompter`` or, failing that, a
+    WordPiece vocabulary trained on the corpus texts and saved with the run."""
+    entities: Path | None = None
+    """PEM entity list (``word count`` per line, the original's unigrams.txt); first num_entities used."""
+
+
+@dataclass
+class EvalConfig:
+    protocol: Literal["original", "lavis", "both"] = "lavis"
+    """Retrieval scoring: 'original' scores every pair with VTM; 'lavis' re-ranks the VTC top-k by
+    VTM logit + cosine."""
+    k_test: int = 128
+    batch_size: int = 64
+    """Fusion passes per forward during scoring."""
+    paragraph: bool = False
+    """DiDeMo paragraph-to-video: all captions of a clip joined into one query."""
+
+
+@dataclass
+class RunConfig:
+    stage: Stage = "pretrain"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base:'")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    bases = base if isinstance(base, list) else [base]
+    merged: dict[str, Any] = {}
+    for b in bases:
+        merged = merge(merged, _load_with_bases((path.parent / b), seen + (path,)))
+    return merge(merged, data)
+
+
+def _resolve_model(section: dict[str, Any]) -> dict[str, Any]:
+    """``model: {preset: tiny, vision: {...}}`` -> the preset's fields with the overrides merged in."""
+    section = dict(section or {})
+    preset = section.pop("preset", None)
+    if preset is None:
+        return section
+    try:
+        base = ModelConfig.preset(preset)
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"model.preset: {e}") from None
+    return merge(to_dict(base), section)
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data = _load_with_bases(Path(path)) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    if "model" in data or path is None:
+        data["model"] = _resolve_model(data.get("model", {}))
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

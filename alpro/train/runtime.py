@@ -1,0 +1,161 @@
+"""Process-level setup: distributed init, device, seeds, and the DeepSpeed engine (optimizer + schedule).
+
+Kept out of the model (which only calls ``alpro.dist`` for the VTC gather). Works the same under
+``torchrun`` (one or many nodes), DeepSpeed's own launcher, or a plain single process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alpro.errors import ConfigError
+
+LOG = logging.getLogger("alpro")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU). Returns (rank, world, local)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `alpro train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # DeepSpeed otherwise JIT-compiles a shared-memory comm op (~85 s) on the first CPU collective;
+        # gloo alone gives identical results (PLATFORM.md).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return rank, world, local
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+        sha = out.stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=REPO_ROOT, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude: set[str]) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed weights, and the names in ``model.no_weight_decay()`` (biases, norms, ...).
+
+    Frozen parameters (the prompter) are not handed to the optimizer at all.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name in exclude else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_ds_config(
+    template: Path | None,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    precision: str,
+    zero_stage: int,
+) -> dict[str, Any]:
+    """DeepSpeed config: the JSON template under ``launch/ds_configs/`` with the run config's values on top.
+
+    Batch sizes, clipping, precision and ZeRO stage always come from the run config so there is one source of
+    truth. Note DeepSpeed 0.19 defaults ``gradient_clipping`` to 1.0: we always set it (0 = off).
+    """
+    ds: dict[str, Any] = {}
+    if template is not None:
+        path = template if template.is_absolute() or template.exists() else REPO_ROOT / template
+        if not path.is_file():
+            raise ConfigError(f"DeepSpeed config not found: {template}")
+        try:
+            ds = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{template}: remove '{key}': the trainer passes AdamW and the LR schedule itself")
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = micro_batch * grad_accum * world_size
+    ds["gradient_clipping"] = float(grad_clip)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = zero_stage
+    ds["zero_optimization"] = zero
+    ds.setdefault("zero_allow_untested_optimizer", True)  # a client torch AdamW (no JIT-built fused Adam)
+    ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict[str, Any]):
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler
+
+
+def warmup_linear_schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int):
+    """Linear warm-up from 0 to ``lr``, then linear decay to 0 at ``total_steps`` (the original's
+    ``warmup_linear``), using DeepSpeed's ``WarmupDecayLR`` so it is stepped and checkpointed by the engine."""
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    return WarmupDecayLR(
+        optimizer,
+        total_num_steps=max(total_steps, 1),
+        warmup_min_lr=0.0,
+        warmup_max_lr=lr,
+        warmup_num_steps=max(warmup_steps, 1),
+        warmup_type="linear",
+    )

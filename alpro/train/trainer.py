@@ -1,0 +1,362 @@
+"""One trainer for every stage: prompter (VTC), pre-training (VTC+VTM+MLM+PEM), retrieval and QA fine-tuning.
+
+    torchrun --standalone --nproc_per_node 2 -m alpro.train --config launch/configs/pretrain_debug.yaml
+    alpro train --config launch/configs/qa_msrvtt.yaml --init.weights runs/pretrain/final/model.safetensors
+
+The loop is deliberately plain (torchtitan / nanoGPT style): build -> (resume) -> for step: accumulate
+micro-batches through the DeepSpeed engine -> log / evaluate / checkpoint. DeepSpeed owns the optimizer
+partitioning (ZeRO), gradient accumulation, clipping and precision; the model owns the maths; the loader owns
+the data order (its state is checkpointed, so a resumed run sees exactly the batches it would have seen).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from alpro.dist import barrier
+from alpro.errors import AlproError
+from alpro.train import runtime
+from alpro.train.checkpoint import (
+    CheckpointManager,
+    load_rank_state,
+    load_trainer_state,
+    resolve_resume,
+    rng_state,
+    set_rng_state,
+)
+from alpro.train.config import RunConfig, dump_config
+from alpro.train.metrics import LOG, MetricLogger, format_duration, progress_line, setup_logging
+
+TASK_OF_STAGE = {"prompter": "prompter", "pretrain": "pretrain", "retrieval": "retrieval", "qa": "qa"}
+
+
+class NonFiniteError(AlproError):
+    pass
+
+
+@dataclass
+class _Window:
+    """Accumulates timings and scalars between two log lines."""
+
+    start: float
+    steps: int = 0
+    clips: int = 0
+    data_wait: float = 0.0
+    sums: dict[str, float] | None = None
+
+    def add(self, scalars: dict[str, float]) -> None:
+        self.sums = self.sums or {}
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def means(self, n: int) -> dict[str, float]:
+        return {k: v / max(n, 1) for k, v in (self.sums or {}).items()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.task = TASK_OF_STAGE[cfg.stage]
+        self.step = 0
+        self.samples_seen = 0
+        self.skipped = 0
+        self.eval_history: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.rank, self.world, self.local_rank = runtime.init_distributed()
+        self.device = runtime.device_for(self.local_rank)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        self._prepare_run_dir()
+        setup_logging(self.run_dir, self.rank, cfg.train.log_all_ranks)
+        self.sha = runtime.git_sha()
+        LOG.info(f"stage {cfg.stage} | world {self.world} | device {self.device} | git {self.sha} | run {self.run_dir}")
+
+        from alpro.train import assets
+
+        runtime.seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.tokenizer = assets.tokenizer_for(cfg, self.run_dir, self.rank)
+        self.answer_vocab = assets.answer_vocab_for(cfg, self.run_dir, self.rank) if self.task == "qa" else None
+        self.model = assets.build_initialised_model(cfg, self.task, self.tokenizer, self.answer_vocab, self.rank)
+        if cfg.train.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.model.to(self.device)
+
+        self.loader = assets.train_loader_for(cfg, self.task, self.tokenizer, self.answer_vocab, self.rank, self.world)
+        steps_per_epoch = max(1, len(self.loader) // cfg.train.grad_accum)
+        self.total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+        warmup = int(cfg.optim.warmup_ratio * self.total_steps)
+
+        exclude = set() if cfg.optim.decay_all_params else set(self.model.no_weight_decay())
+        groups = runtime.param_groups(self.model, cfg.optim.weight_decay, exclude)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+        scheduler = runtime.warmup_linear_schedule(optimizer, cfg.optim.lr, self.total_steps, warmup)
+        ds_config = runtime.build_ds_config(
+            cfg.train.ds_config,
+            micro_batch=cfg.data.batch_size,
+            grad_accum=cfg.train.grad_accum,
+            world_size=self.world,
+            grad_clip=cfg.optim.grad_clip,
+            precision=cfg.train.precision,
+            zero_stage=cfg.train.zero_stage,
+        )
+        self.engine, self.optimizer, self.scheduler = runtime.build_engine(self.model, optimizer, scheduler, ds_config)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_last)
+        self.metrics = MetricLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard)
+
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())
+        LOG.info(
+            f"model {n_all / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable) | {self.total_steps} steps "
+            f"({steps_per_epoch}/epoch) | batch {cfg.data.batch_size}x{self.world}x{cfg.train.grad_accum} | "
+            f"ZeRO-{cfg.train.zero_stage} {cfg.train.precision} | warmup {warmup}"
+        )
+        if self.resume_from is not None:
+            self._resume(self.resume_from)  # restores every RNG as it was at the checkpoint
+        else:
+            runtime.seed_everything(cfg.seed + 1000 * self.rank)  # distinct dropout / VTM draws per rank
+
+    def _prepare_run_dir(self) -> None:
+        """Refuse to overwrite an existing run unless resuming; write config.yaml and the git sha."""
+        if self.rank == 0:
+            exists = self.run_dir.is_dir() and any(
+                (self.run_dir / n).exists() for n in ("metrics.jsonl", "checkpoints", "final")
+            )
+            if exists and self.cfg.train.resume is None:
+                raise AlproError(
+                    f"run directory {self.run_dir} already holds a run: pass --train.resume auto to continue it, "
+                    "or choose another --train.run_dir"
+                )
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+            (self.run_dir / "git_sha.txt").write_text(runtime.git_sha() + "\n")
+        barrier()
+
+    def _resume(self, ckpt: Path) -> None:
+        LOG.info(f"resuming from {ckpt}")
+        load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        if load_path is None:
+            raise AlproError(f"DeepSpeed could not load checkpoint {ckpt}")
+        state = load_trainer_state(ckpt)
+        rank_state = load_rank_state(ckpt, self.rank)
+        self.step = state["step"]
+        self.samples_seen = state["samples_seen"]
+        self.skipped = state.get("skipped", 0)
+        self.loader.load_state_dict(rank_state["loader"])
+        set_rng_state(rank_state["rng"])
+
+    # ----------------------------------------------------------------------------------------------- loop
+
+    def _batches(self):
+        """Endless iterator over the loader; a new pass starts a new epoch (the loader tracks which)."""
+        while True:
+            got = False
+            for batch in self.loader:
+                got = True
+                yield batch
+            if not got:
+                raise AlproError("the training loader produced no batches (empty shards or batch larger than data?)")
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.train.eval_at_start and self.step == 0:
+            self.evaluate()
+        batches = self._batches()
+        window = _Window(start=time.perf_counter())
+        run_start, start_step = time.perf_counter(), self.step
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.engine.train()
+        while self.step < self.total_steps:
+            scalars = self._train_step(batches, window)
+            if scalars is None:  # skipped (non-finite, policy "skip")
+                continue
+            self.step += 1
+            window.steps += 1
+            window.add(scalars)
+            if self.step % cfg.train.log_interval == 0 or self.step == self.total_steps:
+                self._log(window, run_start, start_step)
+                window = _Window(start=time.perf_counter())
+            if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step < self.total_steps:
+                self.evaluate()
+                self.engine.train()
+            if cfg.train.save_interval and self.step % cfg.train.save_interval == 0 and self.step < self.total_steps:
+                self.save()
+        self.save()
+        results = self.evaluate()
+        self._finish(run_start, start_step)
+        return results
+
+    def _train_step(self, batches, window: _Window) -> dict[str, float] | None:
+        """One optimizer step = grad_accum micro-batches. Returns averaged scalars, or None if skipped."""
+        cfg = self.cfg
+        sums: dict[str, float] = {}
+        for _ in range(cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            window.data_wait += time.perf_counter() - t0
+            batch = batch.to(self.device)
+            out = self.engine(batch)
+            out = _inject_fault(out, self.step)
+            bad = self._nonfinite(out)
+            if bad:
+                self._on_nonfinite(f"loss {', '.join(bad)}")
+                return None
+            self.engine.backward(out["loss"])
+            if cfg.train.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                self._check_dense_grads()
+            self.engine.step()
+            window.clips += len(batch) * self.world
+            self.samples_seen += len(batch) * self.world
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if not self.engine.was_step_applied() and cfg.train.precision != "fp16":
+            # ZeRO-1/2 skip the update when the gradient norm is not finite (and zero the gradients).
+            self._on_nonfinite("gradients (non-finite gradient norm)")
+            return None
+        scalars = {f"train/{k}": v / cfg.train.grad_accum for k, v in sums.items()}
+        scalars["train/lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.optim.lr
+        gnorm = self.engine.get_global_grad_norm()
+        if gnorm is not None:
+            scalars["train/grad_norm"] = float(gnorm)
+        return scalars
+
+    def _nonfinite(self, out: dict[str, torch.Tensor]) -> list[str]:
+        """Names of non-finite losses, agreed by all ranks (so every rank stops or skips together)."""
+        names = sorted(k for k, v in out.items() if k.startswith("loss") and torch.is_tensor(v))
+        flags = torch.tensor([0.0 if torch.isfinite(out[k].detach()).all() else 1.0 for k in names])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return [n for n, f in zip(names, flags.tolist()) if f > 0]
+
+    def _check_dense_grads(self) -> None:
+        """ZeRO-0 has no overflow check: look at the (already all-reduced) gradients ourselves."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
+            self._on_nonfinite("gradients")
+            self.engine.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
+
+    def _on_nonfinite(self, what: str) -> None:
+        msg = f"non-finite {what} at step {self.step + 1}"
+        if self.cfg.train.nan_policy == "stop":
+            raise NonFiniteError(msg + " (train.nan_policy=stop; use 'skip' to drop such steps)")
+        self.skipped += 1
+        LOG.warning(msg + f": skipped ({self.skipped}/{self.cfg.train.max_skipped_steps})")
+        if self.skipped > self.cfg.train.max_skipped_steps:
+            raise NonFiniteError(f"{msg}: more than {self.cfg.train.max_skipped_steps} skipped steps")
+
+    def _log(self, window: _Window, run_start: float, start_step: int) -> None:
+        elapsed = time.perf_counter() - window.start
+        scalars = window.means(window.steps)
+        scalars["throughput/clips_per_s"] = window.clips / max(elapsed, 1e-9)
+        scalars["throughput/clips_per_s_per_rank"] = scalars["throughput/clips_per_s"] / self.world
+        scalars["throughput/data_wait"] = window.data_wait / max(elapsed, 1e-9)
+        for k, v in self.loader.metrics().items():
+            scalars[f"data/{k}"] = float(v)
+        if self.device.type == "cuda":
+            scalars["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            scalars["memory/peak_gb"] = _peak_rss_gb()
+        done = self.step - start_step
+        rate = (time.perf_counter() - run_start) / max(done, 1)
+        eta = rate * (self.total_steps - self.step)
+        LOG.info(progress_line(self.step, self.total_steps, scalars, eta))
+        self.metrics.log(self.step, scalars, kind="train", samples=self.samples_seen)
+
+    # ------------------------------------------------------------------------------------- eval and save
+
+    def evaluate(self) -> dict[str, Any]:
+        from alpro.train.evaluate import evaluate_during_training
+
+        t0 = time.perf_counter()
+        results = evaluate_during_training(self.engine.module, self.cfg, self.tokenizer, self.answer_vocab,
+                                           self.rank, self.world, self.device)
+        if results:
+            flat = {f"val/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+            self.metrics.log(self.step, flat, kind="eval")
+            shown = " ".join(f"{k} {v:.2f}" for k, v in results.items() if isinstance(v, (int, float)))
+            LOG.info(f"eval @ step {self.step} ({time.perf_counter() - t0:.1f}s): {shown}")
+            self.eval_history.append({"step": self.step, **results})
+        return results
+
+    def save(self) -> Path:
+        trainer_state = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "skipped": self.skipped,
+            "total_steps": self.total_steps,
+            "world_size": self.world,
+            "git_sha": self.sha,
+            "time": time.time(),
+            "stage": self.cfg.stage,
+        }
+        rank_state = {"step": self.step, "rng": rng_state(), "loader": self.loader.state_dict()}
+        path = self.checkpoints.save(self.engine, self.step, trainer_state, rank_state, dump_config(self.cfg))
+        LOG.info(f"saved checkpoint {path}")
+        return path
+
+    def _finish(self, run_start: float, start_step: int) -> None:
+        from alpro.train import assets
+        from alpro.train.export import export_final
+
+        if self.rank == 0:
+            export_final(self.checkpoints.dir / f"step-{self.step:08d}", self.run_dir / "final", self.cfg,
+                         self.model, self.tokenizer, self.answer_vocab)
+            assets.copy_run_assets(self.cfg, self.run_dir)
+            from alpro.train.plots import plot_run
+
+            plot_run(self.run_dir)
+        barrier()
+        elapsed = time.perf_counter() - run_start
+        steps = self.step - start_step
+        LOG.info(
+            f"done: {steps} steps in {format_duration(elapsed)} ({elapsed / max(steps, 1):.2f}s/step), "
+            f"{self.samples_seen} samples seen, {self.skipped} skipped steps, final weights in "
+            f"{self.run_dir / 'final'}"
+        )
+        self.metrics.close()
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _inject_fault(out: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """Fault injection for tests of the non-finite guard: ``ALPRO_FAULT_NAN=STEP:LOSS`` makes LOSS NaN at STEP."""
+    spec = os.environ.get("ALPRO_FAULT_NAN")
+    if not spec:
+        return out
+    at, _, name = spec.partition(":")
+    if int(at) == step + 1 and name in out:
+        out = dict(out)
+        nan = out[name] * float("nan")
+        out["loss"] = out["loss"] + nan
+        out[name] = nan
+    return out
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
