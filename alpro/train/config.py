@@ -123,6 +123,16 @@ class EvalConfig:
 
 
 @dataclass
+class QAConfig:
+    top_k: int = 1500
+    """Answer vocabulary = the ``top_k`` most frequent answers of the training split (the original uses
+    max(len(train answers), 1500) classes; MSRVTT-QA 1500, MSVD-QA 2423). Other answers are ignored in the loss
+    and count as wrong in evaluation."""
+    vocab: Path | None = None
+    """A JSON ``{answer: index}`` file (the original's ``train_ans2label.json``) instead of counting."""
+
+
+@dataclass
 class RunConfig:
     stage: Stage = "pretrain"
     seed: int = 42
@@ -132,6 +142,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
 
 
 def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

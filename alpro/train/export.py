@@ -1,0 +1,101 @@
+"""Consolidate a (ZeRO-sharded) training checkpoint into one safetensors file: ``alpro export``.
+
+    alpro export runs/pretrain/checkpoints/step-00001000 --out alpro_pretrain.safetensors
+    alpro export runs/pretrain            # newest checkpoint of a run -> runs/pretrain/final/model.safetensors
+
+ZeRO stages 1-3 keep the fp32 master weights partitioned across ranks; DeepSpeed's
+``get_fp32_state_dict_from_zero_checkpoint`` re-assembles them (frozen parameters and buffers included). ZeRO-0
+keeps the full module in ``mp_rank_00_model_states.pt`` (DeepSpeed's helper fails on stage 0: PLATFORM.md).
+
+A run's ``final/`` directory (written at the end of training) holds everything a later stage, ``alpro eval``
+or ``alpro search`` needs: ``model.safetensors``, ``config.yaml``, ``tokenizer/``, and when relevant
+``answer_vocab.json`` (QA) and ``entities.txt`` (PEM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from alpro.errors import AlproError
+from alpro.train.checkpoint import find_latest
+
+LOG = logging.getLogger("alpro")
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the whole model from a checkpoint directory ``.../checkpoints/step-N``."""
+    if not (ckpt / "mp_rank_00_model_states.pt").is_file():
+        raise AlproError(f"{ckpt}: not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
+    stage = 0
+    config = ckpt / "config.yaml"
+    if config.is_file():
+        stage = int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("zero_stage", 0))
+    if stage == 0 or not any(ckpt.glob("*optim_states.pt")):
+        # Our own checkpoint: DeepSpeed pickles its config next to the weights, so weights_only=False here.
+        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors refuses tensors that share memory (tied MLM decoder / word embeddings): store copies."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata or {})
+    tmp.replace(path)
+
+
+def export_final(ckpt: Path, final_dir: Path, cfg, model, tokenizer, answer_vocab: dict[str, Any] | None) -> Path:
+    """Write ``final/`` for a finished run (rank 0 only)."""
+    from alpro.train.config import dump_config
+
+    final_dir.mkdir(parents=True, exist_ok=True)
+    state = consolidated_state_dict(ckpt)
+    save_state_dict(state, final_dir / "model.safetensors", {"format": "alpro", "stage": cfg.stage})
+    (final_dir / "config.yaml").write_text(dump_config(cfg))
+    tokenizer.save_pretrained(str(final_dir / "tokenizer"))
+    if answer_vocab is not None:
+        import json
+
+        (final_dir / "answer_vocab.json").write_text(json.dumps(answer_vocab, indent=1))
+    if cfg.init.entities is not None and Path(cfg.init.entities).is_file():
+        shutil.copyfile(cfg.init.entities, final_dir / "entities.txt")
+    return final_dir / "model.safetensors"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="alpro export", description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", type=Path, help="a checkpoint directory (checkpoints/step-N) or a run directory")
+    p.add_argument("--out", type=Path, default=None, help="output .safetensors (default RUN/final/model.safetensors)")
+    args = p.parse_args(argv)
+    ckpt = args.checkpoint
+    if (ckpt / "checkpoints").is_dir():
+        found = find_latest(ckpt / "checkpoints")
+        if found is None:
+            raise AlproError(f"{ckpt}: no complete checkpoint under checkpoints/")
+        out = args.out or ckpt / "final" / "model.safetensors"
+        ckpt = found
+    else:
+        if not ckpt.is_dir():
+            raise AlproError(f"{ckpt}: no such checkpoint directory")
+        out = args.out or ckpt.parent.parent / "final" / "model.safetensors"
+    state = consolidated_state_dict(ckpt)
+    save_state_dict(state, out, {"format": "alpro", "source": str(ckpt)})
+    n = sum(v.numel() for v in state.values())
+    print(f"wrote {out} ({len(state)} tensors, {n / 1e6:.2f}M values) from {ckpt}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
