@@ -1,0 +1,191 @@
+"""Evaluation maths for retrieval and video QA (ALPRO.md §5). The trainer's loop gathers embeddings with
+:func:`embed_videos` / :func:`embed_texts`; the functions here score them and compute the metrics.
+
+Retrieval, two protocols:
+
+- ``original`` (salesforce/ALPRO ``inference_retrieval``): every text-video pair goes through the fusion
+  encoder and is scored by the VTM match probability ``softmax(vtm_head(e_cls))[:, 1]``; one matrix serves
+  both directions.
+- ``lavis`` (LAVIS ``compute_sim_matrix``): for each query rank by the VTC cosine, re-score its top ``k_test``
+  with ``vtm logit[:, 1] + cosine`` and leave -100 elsewhere; one matrix per direction.
+
+Metrics are R@1/5/10 (percent), median and mean rank (1-indexed), text->video and video->text. A rank is
+1 + the number of candidates scored strictly higher than the ground truth; for video->text it is the best rank
+over that clip's captions. DiDeMo's paragraph-to-video mode joins each clip's captions into one query.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from alpro.models.alpro import ALPRO
+
+
+@dataclass
+class RetrievalEmbeddings:
+    """Everything scoring needs, for Nv clips and Nt texts (may live on the CPU; moved per batch)."""
+
+    video_embeds: torch.Tensor  # (Nv, 1+P, D) encoder output
+    video_feat: torch.Tensor  # (Nv, E) normalised VTC features
+    text_embeds: torch.Tensor  # (Nt, L, D) text-encoder output
+    text_mask: torch.Tensor  # (Nt, L)
+    text_feat: torch.Tensor  # (Nt, E)
+
+
+@torch.no_grad()
+def embed_videos(model: ALPRO, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, T, H, W) -> video_embeds (B, 1+P, D), video_feat (B, E)."""
+    embeds = model.encode_video(video)
+    return embeds, model.video_feat(embeds)
+
+
+@torch.no_grad()
+def embed_texts(model: ALPRO, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) -> text_embeds (B, L, D), text_feat (B, E)."""
+    embeds = model.encode_text(input_ids, attention_mask)
+    return embeds, model.text_feat(embeds)
+
+
+def _progress(items: Iterable, enabled: bool, desc: str) -> Iterable:
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc)
+
+
+@torch.no_grad()
+def vtm_pair_logits(model: ALPRO, emb: RetrievalEmbeddings, text_idx: torch.Tensor, video_idx: torch.Tensor,
+                    batch_size: int = 64) -> torch.Tensor:
+    """VTM logits (N, 2) of the pairs (text_idx[i], video_idx[i]), ``batch_size`` fusion rows at a time."""
+    device = next(model.parameters()).device
+    out = []
+    for t, v in zip(text_idx.split(batch_size), video_idx.split(batch_size)):
+        t_cpu, v_cpu = t.to(emb.text_embeds.device), v.to(emb.video_embeds.device)
+        out.append(model.vtm_logits(emb.text_embeds[t_cpu].to(device), emb.text_mask[t_cpu].to(device),
+                                    emb.video_embeds[v_cpu].to(device)).float())
+    return torch.cat(out) if out else torch.zeros(0, 2, device=device)
+
+
+def _owned(n: int, shard: tuple[int, int]) -> range:
+    rank, world = shard
+    return range(rank, n, world)
+
+
+@torch.no_grad()
+def scores_original(model: ALPRO, emb: RetrievalEmbeddings, batch_size: int = 64, progress: bool = False,
+                    shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """(Nt, Nv) VTM match probability of every pair -- the original's exhaustive protocol.
+
+    ``shard = (rank, world)``: this call scores only texts ``rank, rank + world, ...`` and leaves other rows 0,
+    so summing the matrices of all ranks (all_reduce) gives the full one.
+    """
+    Nt, Nv = emb.text_feat.shape[0], emb.video_feat.shape[0]
+    scores = torch.zeros(Nt, Nv)
+    rows = list(_owned(Nt, shard))
+    per_chunk = max(1, batch_size // max(Nv, 1))  # texts per round; each round scores them against every clip
+    for start in _progress(range(0, len(rows), per_chunk), progress, "VTM scoring"):
+        texts = torch.tensor(rows[start:start + per_chunk])
+        t_idx = texts.repeat_interleave(Nv)  # every video for each text
+        v_idx = torch.arange(Nv).repeat(len(texts))
+        probs = vtm_pair_logits(model, emb, t_idx, v_idx, batch_size).softmax(dim=1)[:, 1]
+        scores[texts] = probs.view(len(texts), Nv).cpu()
+    return scores
+
+
+@torch.no_grad()
+def scores_lavis(model: ALPRO, emb: RetrievalEmbeddings, k_test: int = 128, batch_size: int = 64,
+                 progress: bool = False, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score_v2t (Nv, Nt), score_t2v (Nt, Nv)): VTC top-``k_test`` re-ranked by VTM logit + cosine, -100
+    elsewhere -- LAVIS's protocol. ``shard`` as in :func:`scores_original` (rows of each matrix)."""
+    sims = (emb.video_feat.float() @ emb.text_feat.float().t()).cpu()  # (Nv, Nt) cosine, no temperature
+    Nv, Nt = sims.shape
+    v2t = _rerank(model, emb, sims, k_test, batch_size, progress, shard, video_rows=True)
+    t2v = _rerank(model, emb, sims.t(), k_test, batch_size, progress, shard, video_rows=False)
+    return v2t, t2v
+
+
+def _rerank(model: ALPRO, emb: RetrievalEmbeddings, sims: torch.Tensor, k_test: int, batch_size: int,
+            progress: bool, shard: tuple[int, int], video_rows: bool) -> torch.Tensor:
+    n_rows, n_cols = sims.shape
+    k = min(k_test, n_cols)
+    scores = torch.zeros(n_rows, n_cols)
+    for row in _progress(_owned(n_rows, shard), progress, "v2t re-rank" if video_rows else "t2v re-rank"):
+        top_sim, top_idx = sims[row].topk(k)
+        row_idx = torch.full((k,), row)
+        t_idx, v_idx = (top_idx, row_idx) if video_rows else (row_idx, top_idx)
+        match = vtm_pair_logits(model, emb, t_idx, v_idx, batch_size)[:, 1].cpu()
+        scores[row] = -100.0
+        scores[row, top_idx] = match + top_sim
+    return scores
+
+
+def _rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    ranks = ranks.float()
+    return {"r1": 100 * (ranks <= 1).float().mean().item(), "r5": 100 * (ranks <= 5).float().mean().item(),
+            "r10": 100 * (ranks <= 10).float().mean().item(), "medr": ranks.median().item() if len(ranks) else 0.0,
+            "meanr": ranks.mean().item()}
+
+
+def retrieval_metrics(score_t2v: torch.Tensor, text_to_video: Sequence[int] | torch.Tensor,
+                      score_v2t: torch.Tensor | None = None) -> dict[str, float]:
+    """R@1/5/10, MdR, MnR for both directions as ``t2v_r1``, ..., ``v2t_meanr``.
+
+    ``score_t2v`` (Nt, Nv); ``text_to_video[i]`` = the clip of text i; ``score_v2t`` (Nv, Nt) defaults to
+    ``score_t2v.T`` (the original protocol's single matrix).
+    """
+    score_t2v = score_t2v.float()
+    gt = torch.as_tensor(text_to_video, dtype=torch.long)
+    score_v2t = score_t2v.t() if score_v2t is None else score_v2t.float()
+    t2v_gt = score_t2v.gather(1, gt[:, None])  # (Nt, 1)
+    t2v_ranks = (score_t2v > t2v_gt).sum(1) + 1
+    texts_of: dict[int, list[int]] = defaultdict(list)
+    for t, v in enumerate(gt.tolist()):
+        texts_of[v].append(t)
+    v2t_ranks = []
+    for v in range(score_v2t.shape[0]):
+        if texts_of[v]:  # a clip without captions has nothing to retrieve
+            row = score_v2t[v]
+            v2t_ranks.append(min(int((row > row[t]).sum()) + 1 for t in texts_of[v]))
+    out = {f"t2v_{k}": val for k, val in _rank_metrics(t2v_ranks).items()}
+    out.update({f"v2t_{k}": val for k, val in _rank_metrics(torch.tensor(v2t_ranks)).items()})
+    return out
+
+
+def paragraph_queries(all_texts: Sequence[Sequence[str]]) -> list[str]:
+    """DiDeMo paragraph-to-video: each clip's captions joined into one query (text i <-> clip i)."""
+    return [" ".join(c.strip() for c in captions) for captions in all_texts]
+
+
+# ----------------------------------------------------------------------------------------------------------- QA
+
+
+@torch.no_grad()
+def predict_answers(model: ALPRO, video: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) arg-max answer indices (the original's prediction)."""
+    text = model.encode_text(input_ids, attention_mask)
+    return model.qa_logits(text, attention_mask, model.encode_video(video)).argmax(dim=1)
+
+
+def qa_accuracy(predictions: torch.Tensor, targets: torch.Tensor,
+                answer_types: Sequence[str] | None = None) -> dict[str, float]:
+    """Top-1 accuracy (percent) overall and per answer type (``acc_what``, ``acc_who``, ...).
+
+    Targets of -100 (answers outside the vocabulary) count as wrong, as in the original, which compares answer
+    strings and so can never match an answer the classifier cannot output.
+    """
+    correct = (predictions.cpu() == targets.cpu()) & (targets.cpu() != -100)
+    out = {"acc": 100 * correct.float().mean().item() if len(correct) else 0.0, "n": float(len(correct))}
+    if answer_types is not None:
+        by_type: dict[str, list[bool]] = defaultdict(list)
+        for kind, ok in zip(answer_types, correct.tolist()):
+            by_type[kind].append(ok)
+        for kind, oks in sorted(by_type.items()):
+            out[f"acc_{kind}"] = 100 * sum(oks) / len(oks)
+    return out
