@@ -1,0 +1,60 @@
+"""PEM inputs (ALPRO.md §2.4 "Random crop"): one patch-aligned box per clip and what the prompter sees.
+
+The box is drawn per sample in the worker (cheap, reproducible); the two derived tensors are built once per
+batch in the consumer: the patch mask with one comparison and the crop input with one ``torch.where`` over the
+whole (B, C, T, H, W) batch, instead of a padded copy per frame as in the original collator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from alpro.data.batch import CLIP_MEAN, CLIP_STD
+from alpro.data.config import PemConfig
+
+
+def draw_box(rng: np.random.Generator, height: int, width: int, cfg: PemConfig) -> tuple[int, int, int, int]:
+    """(top, left, h, w) as the original's ``random_erase``: area U(0.3, 0.5) of the frame, aspect U(0.3, 3.33),
+    w = int(sqrt(s / r)), h = int(sqrt(s * r)), left/top uniform over the frame, all four snapped down to the
+    patch grid, redrawn until the box fits. One guard the original lacks: a box that snaps to zero width or
+    height is redrawn too (impossible at 224 with patch 16; possible at debug sizes)."""
+    p = cfg.patch_size
+    if height < p or width < p:
+        raise ValueError(f"frame {height}x{width} is smaller than one {p}px patch")
+    while True:
+        s = rng.uniform(cfg.min_area, cfg.max_area) * height * width
+        r = rng.uniform(cfg.min_aspect, cfg.max_aspect)
+        w = int(math.sqrt(s / r))
+        h = int(math.sqrt(s * r))
+        left = int(rng.integers(0, width))
+        top = int(rng.integers(0, height))
+        w, h, left, top = w - w % p, h - h % p, left - left % p, top - top % p
+        if w > 0 and h > 0 and left + w <= width and top + h <= height:
+            return top, left, h, w
+
+
+def patch_mask(boxes: torch.Tensor, height: int, width: int, patch: int) -> torch.Tensor:
+    """(B, 4) boxes (top, left, h, w) -> (B, Hp*Wp) float32, 1 for patches inside the box (row-major grid)."""
+    rows = torch.arange(height // patch) * patch  # (Hp,) top pixel of each patch row
+    cols = torch.arange(width // patch) * patch
+    top, left, h, w = (boxes[:, i, None] for i in range(4))  # each (B, 1)
+    inside_r = (rows >= top) & (rows < top + h)  # (B, Hp)
+    inside_c = (cols >= left) & (cols < left + w)  # (B, Wp)
+    return (inside_r[:, :, None] & inside_c[:, None, :]).flatten(1).float()
+
+
+def crop_video(video: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) normalised video -> the same with every pixel outside its box set to the normalised value
+    of a 0 pixel (-mean/std), as the original zeroed [0, 255] frames before normalising."""
+    b, _, _, h, w = video.shape
+    ys = torch.arange(h, device=video.device)
+    xs = torch.arange(w, device=video.device)
+    boxes = boxes.to(video.device)
+    top, left, bh, bw = (boxes[:, i, None] for i in range(4))  # each (B, 1)
+    inside = ((ys >= top) & (ys < top + bh))[:, :, None] & ((xs >= left) & (xs < left + bw))[:, None, :]
+    inside = inside.view(b, 1, 1, h, w)
+    zero = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).to(video).view(1, 3, 1, 1, 1)
+    return torch.where(inside, video, zero)

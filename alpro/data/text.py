@@ -1,0 +1,103 @@
+"""Text side of the loader: the WordPiece tokenizer, padded encoding and the reference MLM masking.
+
+The paper uses bert-base-uncased's tokenizer. Offline, without that directory, :func:`build_tokenizer` trains
+a lower-casing WordPiece vocabulary (same algorithm, same special tokens) on the corpus texts plus the words
+of the 24 PEM prompt templates, so prompts never tokenize to [UNK], and saves it with the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import BertTokenizerFast
+
+from alpro.errors import AlproError
+
+# The original's prompt templates (run_pretrain_sparse.py; paper Table 8): 12 per modality.
+VIDEO_PROMPT_TEMPLATES = [f"A {kind} of {art} {{}}." for kind in ("footage", "video", "portrait", "video footage")
+                          for art in ("a", "the", "one")]
+IMAGE_PROMPT_TEMPLATES = [
+    *(f"A {kind} of {art} {{}}." for kind in ("photo", "picture") for art in ("a", "the", "one")),
+    *(f"A good {kind} of {art} {{}}." for kind in ("photo", "picture") for art in ("the", "a", "one")),
+]
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def build_tokenizer(
+    tokenizer_dir: str | Path | None = None,
+    train_texts: Iterable[str] | None = None,
+    save_dir: str | Path | None = None,
+    vocab_size: int = 30522,
+) -> BertTokenizerFast:
+    """The run's tokenizer: ``tokenizer_dir`` if given (a Hugging Face directory such as bert-base-uncased),
+    else the one already saved in ``save_dir`` (a resumed run), else a WordPiece vocabulary of at most
+    ``vocab_size`` tokens trained on ``train_texts`` and saved to ``save_dir`` with ``save_pretrained``."""
+    if tokenizer_dir is not None:
+        return _load(Path(tokenizer_dir))
+    if save_dir is not None and _is_tokenizer_dir(Path(save_dir)):
+        return _load(Path(save_dir))
+    if train_texts is None:
+        raise AlproError("no tokenizer: give a tokenizer directory or the corpus texts to train one on")
+    texts = [t for t in train_texts if t and t.strip()]
+    if not texts:
+        raise AlproError("cannot train a tokenizer: the corpus has no captions or questions")
+    from tokenizers import BertWordPieceTokenizer
+
+    wordpiece = BertWordPieceTokenizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
+    prompt_words = [t.format("") for t in VIDEO_PROMPT_TEMPLATES + IMAGE_PROMPT_TEMPLATES]
+    wordpiece.train_from_iterator(texts + prompt_words, vocab_size=vocab_size, min_frequency=1,
+                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer = BertTokenizerFast(vocab=wordpiece.get_vocab(), do_lower_case=True)
+    if save_dir is not None:
+        _save_atomic(tokenizer, Path(save_dir))
+    return tokenizer
+
+
+def _is_tokenizer_dir(path: Path) -> bool:
+    return (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()
+
+
+def _load(path: Path) -> BertTokenizerFast:
+    if not _is_tokenizer_dir(path):
+        raise AlproError(f"{path}: not a tokenizer directory (no vocab.txt or tokenizer.json)")
+    return BertTokenizerFast.from_pretrained(str(path))
+
+
+def _save_atomic(tokenizer: BertTokenizerFast, save_dir: Path) -> None:
+    """Write to a sibling temporary directory, then rename: a crash never leaves half a tokenizer."""
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}-", dir=save_dir.parent))
+    tokenizer.save_pretrained(str(tmp))
+    if save_dir.exists():
+        shutil.rmtree(save_dir)
+    tmp.rename(save_dir)
+
+
+def encode(tokenizer: BertTokenizerFast, texts: Sequence[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, max_len) int64: padded to ``max_len`` and truncated, as the original."""
+    enc = tokenizer(list(texts), max_length=max_len, padding="max_length", truncation=True, return_tensors="pt")
+    return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, tokenizer: BertTokenizerFast, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference MLM collator (ALPRO.md §2.3): each non-special, non-[PAD] token is selected with
+    ``probability``; selected tokens become [MASK] (80%), a random token of the whole vocabulary (10%) or stay
+    (10%). Returns (masked ids, labels) with labels -100 on unselected tokens. Word-piece level."""
+    labels = input_ids.clone()
+    special = torch.isin(input_ids, torch.tensor(tokenizer.all_special_ids, dtype=input_ids.dtype))
+    prob = torch.full(input_ids.shape, probability).masked_fill_(special, 0.0)
+    selected = torch.bernoulli(prob, generator=generator).bool()
+    labels[~selected] = -100
+    masked = input_ids.clone()
+    to_mask = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool() & selected
+    masked[to_mask] = tokenizer.mask_token_id
+    to_random = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool() & selected & ~to_mask
+    random_words = torch.randint(len(tokenizer), input_ids.shape, generator=generator, dtype=input_ids.dtype)
+    masked[to_random] = random_words[to_random]
+    return masked, labels

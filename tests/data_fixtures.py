@@ -1,0 +1,93 @@
+"""Session-wide test shards for the loader tests: a few tiny H.264 / VP9 clips and JPEG images, built once.
+
+Shards follow docs/shard_format.md. ``write_shards`` is a small stand-in writer used until the sharder lands.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+from pathlib import Path
+
+import media_factory as mf
+import numpy as np
+import zstandard
+
+from alpro.data.decode import probe
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+    return 0
+
+
+def write_shards(out: Path, samples: list[dict], per_shard: int = 4, name: str = "shard") -> Path:
+    """samples: {key, path, captions, media ("video"|"image"), extra}. Writes tars + index.json.zst."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for s0 in range(0, len(samples), per_shard):
+        file = f"{name}-{s0 // per_shard:06d}.tar"
+        keys, media, frames, offsets, sizes = [], [], [], [], []
+        with open(out / file, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for s in samples[s0 : s0 + per_shard]:
+                data = Path(s["path"]).read_bytes()
+                start = tar.offset
+                meta = {"id": s["key"], "key": s["key"], "media": s["media"], "captions": s["captions"],
+                        "extra": s.get("extra", {})}
+                if s["media"] == "video":
+                    m = probe(data)
+                    ppf = int(m.pts[1] - m.pts[0])
+                    meta.update(codec=m.codec, num_frames=m.num_frames, fps=24.0, width=m.width, height=m.height,
+                                start_pts=int(m.start_pts), pts_per_frame=ppf, keyframes=m.keyframes.tolist())
+                    meta.update(s.get("override", {}))
+                    vinfo = struct.pack("<4i", meta["num_frames"], m.width, m.height, 24000)
+                else:
+                    meta.update(codec="jpeg", num_frames=1)
+                    vinfo = struct.pack("<4i", 1, 0, 0, 0)
+                _member(tar, f"{s['key']}.json", json.dumps(meta).encode())
+                _member(tar, f"{s['key']}.txt", "\n".join(s["captions"]).encode())
+                _member(tar, f"{s['key']}.vinfo", vinfo)
+                ext = "jpg" if s["media"] == "image" else Path(s["path"]).suffix.lstrip(".")
+                _member(tar, f"{s['key']}.{ext}", data)
+                keys.append(s["key"])
+                media.append(s["media"])
+                frames.append(meta["num_frames"])
+                offsets.append(start)
+                sizes.append(tar.offset - start)
+        entries.append({"file": file, "num_samples": len(keys), "keys": keys, "media": media,
+                        "num_frames": frames, "offsets": offsets, "sizes": sizes,
+                        "bytes": (out / file).stat().st_size})
+    index = {"format": "alpro-shards", "version": 1, "name": name, "options": {}, "shards": entries}
+    (out / "index.json.zst").write_bytes(zstandard.ZstdCompressor().compress(json.dumps(index).encode()))
+    return out
+
+
+def make_corpus(root: Path, n_video: int = 8, n_image: int = 4, codec: str = "h264", seconds: float = 2.0,
+                qa: bool = False) -> tuple[Path, Path]:
+    """Video shards and image shards with distinct captions; returns (video_dir, image_dir)."""
+    samples = []
+    suffix = ".mp4" if codec == "h264" else ".webm"
+    for i in range(n_video):
+        path = mf.make_video(root / "src" / f"v{i}{suffix}", width=64, height=48, seconds=seconds, fps=24, gop=8,
+                             codec=codec, seed=i)
+        extra = {}
+        if qa:
+            extra["qa"] = [{"question": f"what color is thing {i} {q}", "answer": ["red", "blue", "green"][(i + q) % 3],
+                            "answer_type": "color"} for q in range(2)]
+        samples.append({"key": f"v{i:03d}", "path": path, "media": "video", "extra": extra,
+                        "captions": [f"clip number {i} shows a moving square", f"caption two of clip {i}"]})
+    video = write_shards(root / "video", samples, per_shard=3)
+    images = []
+    for i in range(n_image):
+        path = mf.make_image(root / "src" / f"i{i}.jpg", width=80, height=60, seed=100 + i)
+        images.append({"key": f"i{i:03d}", "path": path, "media": "image", "captions": [f"a still image {i}"]})
+    image = write_shards(root / "image", images, per_shard=3)
+    return video, image
+
+
+def frames_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
