@@ -1,0 +1,453 @@
+"""Manifests -> one list of rows: WebVid CSV, CC3M TSV, JSONL, MSRVTT/DiDeMo annotation JSON, plain folders.
+
+Every reader yields :class:`ManifestRow` in manifest order. A row that cannot be understood at all (bad JSON,
+wrong number of CSV fields, no media column) is a user error: :class:`~alpro.errors.AlproError` naming the file
+and line, raised before any work starts. Rows that parse but carry bad *content* (empty or non-UTF-8 captions,
+missing files, duplicate ids) are not errors here: the sharder rejects them one by one, with a reason.
+
+Text is decoded as UTF-8 with ``surrogateescape`` so that one non-UTF-8 caption does not stop the whole manifest:
+its undecodable bytes survive as lone surrogates, and the sharder rejects that row as ``caption_not_utf8``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from alpro.errors import AlproError
+
+__all__ = [
+    "ManifestRow",
+    "Manifest",
+    "FORMATS",
+    "VIDEO_EXTS",
+    "IMAGE_EXTS",
+    "read_manifest",
+    "select_rows",
+    "sanitize_key",
+]
+
+FORMATS = ("csv", "tsv", "jsonl", "json", "folder")
+VIDEO_EXTS = frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts", ".gif"})
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+# Column names recognised in CSV/TSV headers and JSON rows, in order of preference.
+_ID_COLS = ("id", "videoid", "video_id", "key", "image_id")
+_CAPTION_COLS = ("caption", "captions", "name", "text", "title", "sentence")
+_PATH_COLS = ("path", "video", "image", "filepath", "file", "filename", "video_path", "image_path")
+_MAX_KEY_LEN = 90  # KEY + ".vinfo" stays within the 100-byte name field of a plain tar header
+
+
+@dataclass
+class ManifestRow:
+    """One input sample as the manifest describes it (content not checked yet)."""
+
+    line: int
+    """1-based line of the row in the manifest (item number for JSON lists and folders); used in errors/rejects."""
+    id: str
+    media: Literal["video", "image"]
+    source: str
+    """Path of the media file, resolved against the manifest's directory (or ``media_root``)."""
+    captions: list[str] | None
+    """Raw captions (may hold lone surrogates from non-UTF-8 bytes); ``None`` when the row has no caption field."""
+    split: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """Rows plus what the sharder records about where they came from."""
+
+    path: Path
+    format: str
+    rows: list[ManifestRow]
+    sha256: str
+    """Hash of the manifest bytes (and QA files): a rerun into the same OUT_DIR must use the same inputs."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def sanitize_key(item_id: str) -> str:
+    """The tar KEY for an id: ``[A-Za-z0-9_-]`` only (webdataset splits keys at the first dot), at most 90 chars.
+
+    Long ids keep a readable prefix plus 16 hex digits of their SHA-1, so distinct long ids stay distinct.
+    """
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", item_id) or "_"
+    if len(key) > _MAX_KEY_LEN:
+        digest = hashlib.sha1(item_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        key = f"{key[: _MAX_KEY_LEN - 17]}_{digest}"
+    return key
+
+
+def _media_of(path: str, default: Literal["video", "image"] = "video") -> Literal["video", "image"]:
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_EXTS:
+        return "image"
+    if suffix in VIDEO_EXTS:
+        return "video"
+    return default
+
+
+def _captions(value: Any, where: str) -> list[str]:
+    """A caption field (str, list of str, or null) -> list of raw strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return list(value)
+    raise AlproError(f"{where}: caption must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _first(row: dict[str, Any], names: Iterable[str]) -> tuple[str | None, Any]:
+    for name in names:
+        if name in row and row[name] not in (None, ""):
+            return name, row[name]
+    return None, None
+
+
+def _id_from_path(rel: str) -> str:
+    """``00000/000000012.jpg`` -> ``00000/000000012``: unique as long as paths are, unlike bare stems."""
+    rel = rel.replace("\\", "/").lstrip("./")
+    return str(Path(rel).with_suffix("")) if Path(rel).suffix else rel
+
+
+class _Resolver:
+    """Turns manifest paths and clip names into absolute source paths."""
+
+    def __init__(self, base: Path, video_ext: str) -> None:
+        self.base = base
+        self.video_ext = video_ext if video_ext.startswith(".") else f".{video_ext}"
+
+    def path(self, rel: str) -> str:
+        p = Path(rel).expanduser()
+        return str(p if p.is_absolute() else (self.base / p).resolve())
+
+    def clip(self, name: str) -> str:
+        """A clip name (``video123`` or ``video123.mp4``) -> path under the media root."""
+        return self.path(name if Path(name).suffix.lower() in VIDEO_EXTS | IMAGE_EXTS else name + self.video_ext)
+
+
+def _decode(data: bytes) -> str:
+    return data.decode("utf-8-sig", "surrogateescape")
+
+
+# ---------------------------------------------------------------------------------------------- CSV / TSV
+
+
+def _table_rows(path: Path, text: str, delimiter: str, res: _Resolver) -> Iterator[ManifestRow]:
+    """Header-driven CSV/TSV (WebVid: ``videoid,name,page_dir``; or any ``path``/``caption`` columns)."""
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # CC3M captions contain bare quotes
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        return
+    lower = [h.lower() for h in header]
+    cols = dict(zip(lower, range(len(lower))))
+    id_col = next((c for c in _ID_COLS if c in cols), None)
+    cap_col = next((c for c in _CAPTION_COLS if c in cols), None)
+    path_col = next((c for c in _PATH_COLS if c in cols), None)
+    if path_col is None and id_col is None:
+        raise AlproError(
+            f"{path}:1: header has no media column (expected one of {', '.join(_PATH_COLS)}, or videoid [+ page_dir])"
+        )
+    if cap_col is None:
+        raise AlproError(f"{path}:1: header has no caption column (expected one of {', '.join(_CAPTION_COLS)})")
+    known = {c for c in (id_col, cap_col, path_col, "split") if c}
+    for fields in reader:
+        line = reader.line_num
+        if not fields or all(not f.strip() for f in fields):
+            continue
+        if len(fields) != len(header):
+            raise AlproError(f"{path}:{line}: expected {len(header)} fields ({delimiter!r}-separated), got {len(fields)}")
+        row = dict(zip(lower, fields))
+        if path_col and row[path_col]:
+            source = res.path(row[path_col])
+            item_id = row[id_col] if id_col and row[id_col] else _id_from_path(row[path_col])
+        elif id_col and row[id_col]:
+            item_id = row[id_col]
+            # WebVid as downloaded by video2dataset/webvid scripts: {page_dir}/{videoid}.mp4
+            sub = f"{row['page_dir']}/{item_id}" if row.get("page_dir") else item_id
+            source = res.clip(sub)
+        else:
+            raise AlproError(f"{path}:{line}: row has neither a path nor an id")
+        yield ManifestRow(
+            line=line,
+            id=item_id,
+            media="image" if path_col == "image" else _media_of(source),
+            source=source,
+            captions=[row[cap_col]],
+            split=row.get("split") or None,
+            extra={header[i]: fields[i] for i, c in enumerate(lower) if c not in known},
+        )
+
+
+def _cc3m_rows(path: Path, text: str, res: _Resolver) -> Iterator[ManifestRow]:
+    """CC3M TSV: headerless ``caption<TAB>image_path`` lines, or a header naming a caption column."""
+    first = text.split("\n", 1)[0].lower().split("\t")
+    if any(c.strip() in _CAPTION_COLS for c in first):
+        yield from _table_rows(path, text, "\t", res)
+        return
+    for line, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.rstrip("\r")
+        if not raw.strip():
+            continue
+        fields = raw.split("\t")
+        if len(fields) < 2 or not fields[1].strip():
+            raise AlproError(f"{path}:{line}: expected 'caption<TAB>path', got {len(fields)} field(s)")
+        rel = fields[1].strip()
+        yield ManifestRow(line=line, id=_id_from_path(rel), media=_media_of(rel, "image"), source=res.path(rel),
+                          captions=[fields[0]], extra={f"col{i}": v for i, v in enumerate(fields[2:], start=2)})
+
+
+# ---------------------------------------------------------------------------------------------- JSON / JSONL
+
+
+class _Grouper:
+    """Collects JSON(L) rows of three kinds into samples, merging annotation and QA rows by clip.
+
+    * sample rows: ``{"video"|"image": path, "caption"|"captions": ..., "id": ..., ...extra}``
+    * retrieval annotations (ALPRO/MSRVTT/DiDeMo): ``{"clip_name": ..., "caption": ...}``, one or many per clip
+    * QA rows (MSRVTT-QA, MSVD-QA): ``{"question", "answer", "video_id", "answer_type"}`` -> ``extra["qa"]``
+    """
+
+    def __init__(self, path: Path, res: _Resolver) -> None:
+        self.path, self.res = path, res
+        self.rows: list[ManifestRow] = []
+        self.clips: dict[str, ManifestRow] = {}
+
+    def add(self, obj: Any, line: int) -> None:
+        where = f"{self.path}:{line}"
+        if not isinstance(obj, dict):
+            raise AlproError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        media_key, media_path = _first(obj, ("video", "image", "path", "filepath", "video_path", "image_path"))
+        if media_path is not None:
+            self._sample(obj, line, where, media_key, media_path)
+        elif "clip_name" in obj or ("video_id" in obj and any(c in obj for c in _CAPTION_COLS)):
+            clip = str(obj.get("clip_name") or obj["video_id"])
+            row = self._clip(clip, line)
+            caps = next((obj[c] for c in _CAPTION_COLS if c in obj), None)
+            row.captions = (row.captions or []) + _captions(caps, where)
+            if obj.get("split") and row.split is None:
+                row.split = str(obj["split"])
+        elif "question" in obj and "video_id" in obj:
+            row = self._clip(str(obj["video_id"]), line)
+            row.extra.setdefault("qa", []).append({k: v for k, v in obj.items() if k != "video_id"})
+        else:
+            raise AlproError(
+                f"{where}: row has none of 'video', 'image', 'path', 'clip_name', or 'question' + 'video_id'"
+            )
+
+    def _sample(self, obj: dict[str, Any], line: int, where: str, media_key: str, media_path: Any) -> None:
+        if not isinstance(media_path, str):
+            raise AlproError(f"{where}: '{media_key}' must be a path string, got {type(media_path).__name__}")
+        cap_key = next((c for c in _CAPTION_COLS if c in obj), None)  # present but empty -> empty_caption
+        caps = obj.get(cap_key) if cap_key else None
+        item_id = obj.get("id", obj.get("video_id", obj.get("image_id")))
+        item_id = _id_from_path(media_path) if item_id in (None, "") else str(item_id)
+        used = {media_key, cap_key, "id", "split"}
+        if "id" not in obj:
+            used |= {"video_id", "image_id"}
+        split = obj.get("split")
+        self.rows.append(ManifestRow(
+            line=line,
+            id=item_id,
+            media="image" if media_key == "image" else _media_of(media_path),
+            source=self.res.path(media_path),
+            captions=_captions(caps, where) if cap_key else None,
+            split=None if split is None else str(split),
+            extra={k: v for k, v in obj.items() if k not in used},
+        ))
+
+    def _clip(self, clip: str, line: int) -> ManifestRow:
+        """The row of an annotation clip, created at its first mention (so samples keep first-mention order)."""
+        if clip not in self.clips:
+            row = ManifestRow(line=line, id=_id_from_path(clip) if Path(clip).suffix.lower() in VIDEO_EXTS else clip,
+                              media="video", source=self.res.clip(clip), captions=None)
+            self.clips[clip] = row
+            self.rows.append(row)
+        return self.clips[clip]
+
+
+def _jsonl_rows(path: Path, text: str, res: _Resolver) -> list[ManifestRow]:
+    grouper = _Grouper(path, res)
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise AlproError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
+        grouper.add(obj, line)
+    return grouper.rows
+
+
+def _json_rows(path: Path, text: str, res: _Resolver) -> list[ManifestRow]:
+    """A JSON list of rows, MSRVTT's ``{"videos": [...], "sentences": [...]}``, or ``{clip: captions}``."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AlproError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    grouper = _Grouper(path, res)
+    if isinstance(data, list):
+        for i, obj in enumerate(data, start=1):
+            grouper.add(obj, i)
+    elif isinstance(data, dict) and "sentences" in data:
+        for i, video in enumerate(data.get("videos", []), start=1):
+            if not isinstance(video, dict) or "video_id" not in video:
+                raise AlproError(f"{path}: videos[{i - 1}] has no 'video_id'")
+            row = grouper._clip(str(video["video_id"]), i)
+            row.split = None if video.get("split") is None else str(video["split"])
+            row.extra.update({k: v for k, v in video.items() if k not in ("video_id", "split")})
+        for i, sent in enumerate(data["sentences"], start=1):
+            if not isinstance(sent, dict) or "video_id" not in sent or "caption" not in sent:
+                raise AlproError(f"{path}: sentences[{i - 1}] needs 'video_id' and 'caption'")
+            row = grouper._clip(str(sent["video_id"]), len(grouper.rows) + 1)
+            row.captions = (row.captions or []) + _captions(sent["caption"], f"{path}: sentences[{i - 1}]")
+    elif isinstance(data, dict):
+        for i, (clip, caps) in enumerate(data.items(), start=1):
+            row = grouper._clip(str(clip), i)
+            row.captions = (row.captions or []) + _captions(caps, f"{path}: [{clip!r}]")
+    else:
+        raise AlproError(f"{path}: expected a JSON list or object at top level, got {type(data).__name__}")
+    return grouper.rows
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def _folder_rows(root: Path) -> list[ManifestRow]:
+    """Media files under ``root`` (recursive, sorted) with captions from a same-stem ``.txt`` sidecar (one per
+    line) and extra fields from an optional same-stem ``.json`` sidecar."""
+    rows = []
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTS | IMAGE_EXTS)
+    for i, p in enumerate(files, start=1):
+        sidecar, meta = p.with_suffix(".txt"), p.with_suffix(".json")
+        captions = None
+        if sidecar.is_file():
+            captions = [c for c in _decode(sidecar.read_bytes()).splitlines() if c.strip()]
+        extra: dict[str, Any] = {}
+        if meta.is_file():
+            try:
+                extra = json.loads(meta.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise AlproError(f"{meta}: invalid JSON sidecar ({e})") from None
+            if not isinstance(extra, dict):
+                raise AlproError(f"{meta}: JSON sidecar must be an object")
+        rel = p.relative_to(root).as_posix()
+        split = extra.pop("split", None)
+        rows.append(ManifestRow(line=i, id=str(extra.pop("id", _id_from_path(rel))), media=_media_of(rel),
+                                source=str(p.resolve()), captions=captions,
+                                split=None if split is None else str(split), extra=extra))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "folder"
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        raise AlproError(f"{path}: compressed manifests are not supported; decompress it first")
+    fmt = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}.get(suffix)
+    if fmt is None:
+        raise AlproError(f"{path}: cannot tell the manifest format from '{suffix}'; pass --format {{{','.join(FORMATS)}}}")
+    return fmt
+
+
+def read_manifest(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    media_root: str | Path | None = None,
+    video_ext: str = ".mp4",
+    qa: Iterable[str | Path] = (),
+) -> Manifest:
+    """Read any supported manifest into rows, in manifest order.
+
+    Args:
+        path: a manifest file, or a folder of media with ``.txt`` caption sidecars.
+        fmt: one of :data:`FORMATS`; by default from the extension (``.csv .tsv .jsonl .json``, or a folder).
+        media_root: directory that relative paths and clip names resolve against (default: the manifest's).
+        video_ext: extension added to clip names that have none (``video123`` -> ``video123.mp4``).
+        qa: QA JSONL files (``{"question", "answer", "video_id", "answer_type"}``) attached to clips as
+            ``extra["qa"]``, matched by id.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AlproError(f"manifest not found: {path}")
+    fmt = fmt or _detect_format(path)
+    if fmt not in FORMATS:
+        raise AlproError(f"unknown manifest format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if (fmt == "folder") != path.is_dir():
+        raise AlproError(f"{path}: format '{fmt}' needs a {'folder' if fmt == 'folder' else 'file'}")
+    digest = hashlib.sha256()
+    if fmt == "folder":
+        rows = _folder_rows(path)
+        for row in rows:
+            digest.update(f"{row.id}\0{row.source}\0{row.captions}\0".encode("utf-8", "surrogateescape"))
+    else:
+        data = path.read_bytes()
+        digest.update(data)
+        res = _Resolver(Path(media_root) if media_root else path.parent.resolve(), video_ext)
+        text = _decode(data)
+        if fmt == "csv":
+            rows = list(_table_rows(path, text, ",", res))
+        elif fmt == "tsv":
+            rows = list(_cc3m_rows(path, text, res))
+        elif fmt == "jsonl":
+            rows = _jsonl_rows(path, text, res)
+        else:
+            rows = _json_rows(path, text, res)
+    manifest = Manifest(path=path, format=fmt, rows=rows, sha256="")
+    for qa_path in qa:
+        qa_path = Path(qa_path)
+        if not qa_path.is_file():
+            raise AlproError(f"QA file not found: {qa_path}")
+        qa_bytes = qa_path.read_bytes()
+        digest.update(qa_bytes)
+        _attach_qa(manifest, qa_path, _decode(qa_bytes))
+    manifest.sha256 = digest.hexdigest()
+    return manifest
+
+
+def _attach_qa(manifest: Manifest, path: Path, text: str) -> None:
+    """Append QA rows to ``extra["qa"]`` of the clip whose id (or source stem) equals their ``video_id``."""
+    by_id: dict[str, ManifestRow] = {}
+    for row in manifest.rows:
+        by_id.setdefault(row.id, row)
+        by_id.setdefault(Path(row.source).stem, row)
+    unmatched = 0
+    for line, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise AlproError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or "question" not in obj or "video_id" not in obj:
+            raise AlproError(f"{path}:{line}: a QA row needs 'question' and 'video_id'")
+        row = by_id.get(str(obj["video_id"]))
+        if row is None:
+            unmatched += 1
+            continue
+        row.extra.setdefault("qa", []).append({k: v for k, v in obj.items() if k != "video_id"})
+    if unmatched:
+        manifest.warnings.append(f"{path}: {unmatched} QA row(s) name a video_id that is not in the manifest")
+
+
+def select_rows(
+    rows: list[ManifestRow], *, split: str | None = None, media: str = "all", limit: int | None = None
+) -> list[ManifestRow]:
+    """Keep rows of one split and/or media kind, then the first ``limit``."""
+    out = [r for r in rows if (split is None or r.split == split) and (media == "all" or r.media == media)]
+    return out if limit is None else out[:limit]

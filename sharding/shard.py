@@ -1,0 +1,670 @@
+"""``alpro shard``: a manifest -> transcoded, validated WebDataset tar shards (docs/shard_format.md).
+
+How a build runs (docs/sharding.md has the user-level story):
+
+1. The manifest is read into rows and filtered (``--split``, ``--media``, ``--limit``). Duplicate ids are
+   found over the whole list, so every node agrees on which row keeps an id.
+2. ``--num-nodes M`` cuts the rows into M contiguous partitions; node R builds partition R. Shards are named
+   ``NAME-000000.tar ...`` for one node, ``NAME-nRRR-000000.tar ...`` per node otherwise.
+3. Worker processes (``--workers N``) read, hash, transcode and validate rows in any order; one ordered writer
+   (this process) takes their results back in manifest order, drops content duplicates, rejects bad rows with a
+   reason, and rolls shards by ``--shard-size`` samples and ``--shard-bytes``. Because the writer sees the same
+   sequence whatever N is, and encoders are single-threaded (bit-exact), shards are byte-identical for any N.
+4. Each shard's stats record the manifest rows it covers: rows from the start of a shard up to the first sample
+   of the next one (so the rejects in between belong to it). A rerun resumes after the last complete shard and,
+   being deterministic, rebuilds the rest byte for byte.
+5. The node's part of the index is written; with one node it is merged at once into ``index.json.zst``,
+   ``sizes.json`` and ``rejects.jsonl`` (with several: ``alpro shard --merge-index OUT_DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import multiprocessing as mp
+import struct
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
+from alpro.sharding.manifest import FORMATS, Manifest, ManifestRow, read_manifest, sanitize_key, select_rows
+from alpro.sharding.media import (
+    REJECT_REASONS,
+    EncodedMedia,
+    MediaLimits,
+    Reject,
+    VideoSettings,
+    copy_video,
+    encode_image,
+    transcode_video,
+)
+from alpro.sharding.writer import ShardWriter, json_bytes, shard_is_complete
+from tqdm import tqdm
+
+from alpro.config import ConfigError, from_dict, to_dict
+from alpro.errors import AlproError
+
+__all__ = ["ShardOptions", "ShardSummary", "shard_manifest", "main"]
+
+DEFAULT_GOP = 8  # keyframe interval: see benchmarks/README.md "GOP sweep" and docs/sharding.md
+
+
+@dataclass
+class ShardOptions:
+    """Every option of ``alpro shard`` (CLI flags are the same names with dashes)."""
+
+    # inputs
+    format: str | None = None
+    media_root: Path | None = None
+    video_ext: str = ".mp4"
+    qa: list[Path] = field(default_factory=list)
+    split: str | None = None
+    media: Literal["video", "image", "all"] = "all"
+    limit: int | None = None
+    # output layout
+    name: str = "shard"
+    shard_size: int = 1000
+    shard_bytes: int | None = 1 << 30
+    # video and images
+    codec: Literal["h264", "vp9"] = "h264"
+    copy: bool = False
+    gop: int = DEFAULT_GOP
+    fps: float | None = None
+    fps_scale: float | None = None
+    short_side: int = 256
+    crf: int | None = None
+    preset: str = "veryfast"
+    max_duration: float | None = None
+    jpeg_quality: int = 90
+    # checks
+    keep_duplicates: bool = False
+    max_source_bytes: int = 4 << 30
+    max_source_duration: float = 3 * 3600.0
+    min_side: int = 16
+    max_pixels: int = 8192 * 8192
+    max_aspect: float = 10.0
+    max_caption_chars: int = 2000
+    max_reject_ratio: float = 0.5
+    # execution (never changes the output bytes)
+    workers: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        positive = ("shard_size", "gop", "short_side", "workers", "num_nodes", "min_side", "max_pixels",
+                    "max_caption_chars", "max_source_bytes")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_bytes is not None and self.shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be >= 1, got {self.shard_bytes}")
+        if not 0 <= self.node_rank < self.num_nodes:
+            raise ValueError(f"node_rank must be in [0, num_nodes={self.num_nodes}), got {self.node_rank}")
+        if self.fps is not None and self.fps_scale is not None:
+            raise ValueError("give either fps or fps_scale, not both")
+        for name in ("fps", "fps_scale", "max_duration"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if not 0.0 <= self.max_reject_ratio <= 1.0:
+            raise ValueError(f"max_reject_ratio must be in [0, 1], got {self.max_reject_ratio}")
+        if not self.name or any(c in self.name for c in "/\\.{}* "):
+            raise ValueError(f"name must be a plain file-name prefix, got {self.name!r}")
+
+    def output_options(self) -> dict[str, Any]:
+        """The options that decide the output bytes (recorded in build.json and the index)."""
+        skip = {"workers", "node_rank", "progress", "max_reject_ratio"}
+        return {k: v for k, v in to_dict(self).items() if k not in skip}
+
+    def video_settings(self) -> VideoSettings:
+        return VideoSettings(codec=self.codec, gop=self.gop, fps=self.fps, fps_scale=self.fps_scale,
+                             short_side=self.short_side, crf=self.crf, preset=self.preset,
+                             max_duration=self.max_duration)
+
+    def limits(self) -> MediaLimits:
+        return MediaLimits(max_source_duration=self.max_source_duration, min_side=self.min_side,
+                           max_pixels=self.max_pixels, max_aspect=self.max_aspect)
+
+
+@dataclass
+class ShardSummary:
+    """What a build (of one node's partition) produced; ``table()`` renders the closing summary."""
+
+    out_dir: Path
+    inputs: int
+    written: int
+    rejected: int
+    rejects_by_reason: dict[str, int]
+    shards: int
+    resumed_shards: int
+    processed: int
+    bytes: int
+    frames: int
+    duration: float
+    seconds: float
+    index_path: Path | None
+    part_path: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def reject_ratio(self) -> float:
+        return self.rejected / self.inputs if self.inputs else 0.0
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    def table(self) -> str:
+        lines = [
+            f"{self.inputs} inputs -> {self.written} samples in {self.shards} shard(s) ({_human(self.bytes)}), "
+            f"{self.rejected} rejected ({100 * self.reject_ratio:.1f} %)",
+            f"  {self.frames} frames, {self.duration:.1f} s of video; {self.processed} rows processed in "
+            f"{self.seconds:.1f} s ({self.clips_per_second:.2f} clips/s); {self.resumed_shards} shard(s) resumed",
+        ]
+        if self.rejects_by_reason:
+            width = max(len(r) for r in self.rejects_by_reason)
+            lines.append(f"  {'reject reason'.ljust(width)}  count")
+            lines += [f"  {r.ljust(width)}  {n:5d}" for r, n in sorted(self.rejects_by_reason.items())]
+        lines += [f"  warning: {w}" for w in self.warnings]
+        target = self.index_path or self.part_path
+        if target is not None:
+            lines.append(f"  {'index' if self.index_path else 'partial index'}: {target}")
+        return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+# ------------------------------------------------------------------------------------------------ per sample
+
+
+@dataclass
+class _Item:
+    """One row as shipped to a worker."""
+
+    index: int
+    row: ManifestRow
+    key: str
+    pre_reject: tuple[str, str] | None = None
+
+
+@dataclass
+class _Result:
+    """A worker's answer for one row: members to store, or a reject."""
+
+    index: int
+    row: ManifestRow
+    key: str
+    reject: tuple[str, str] | None = None
+    sha256: str | None = None
+    members: list[tuple[str, bytes]] = field(default_factory=list)
+    num_frames: int = 0
+    duration: float = 0.0
+    captions_dropped: int = 0
+
+
+_WORKER_OPTIONS: ShardOptions | None = None
+
+
+def _init_worker(options: ShardOptions) -> None:
+    global _WORKER_OPTIONS
+    _WORKER_OPTIONS = options
+
+
+def _check_captions(row: ManifestRow, max_chars: int) -> tuple[list[str], int]:
+    """Whitespace-normalised captions (one line each) and how many were dropped, or a caption reject."""
+    has_qa = bool(row.extra.get("qa"))
+    if row.captions is None and not has_qa:
+        raise Reject("missing_caption", "no caption field")
+    normalised = [" ".join(c.split()) for c in row.captions or []]
+    for i, c in enumerate(normalised):
+        if any("\udc80" <= ch <= "\udcff" for ch in c):
+            raw = c.encode("utf-8", "surrogateescape")
+            raise Reject("caption_not_utf8", f"caption {i}: {raw[:60]!r}")
+    non_empty = [c for c in normalised if c]
+    kept = [c for c in non_empty if len(c) <= max_chars]
+    if not kept and not has_qa:
+        if non_empty:
+            raise Reject("caption_too_long", f"{max(len(c) for c in non_empty)} chars > {max_chars}")
+        raise Reject("empty_caption", f"{len(normalised)} caption(s), all empty")
+    return kept, len(normalised) - len(kept)
+
+
+def _read_source(path: str, max_bytes: int) -> bytes:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except (FileNotFoundError, NotADirectoryError):
+        raise Reject("missing", path) from None
+    if not p.is_file():
+        raise Reject("missing", f"not a regular file: {path}")
+    if size == 0:
+        raise Reject("empty_file", path)
+    if size > max_bytes:
+        raise Reject("too_large", f"{size} bytes > {max_bytes}")
+    return p.read_bytes()
+
+
+def _metadata(row: ManifestRow, key: str, captions: list[str], sha256: str, m: EncodedMedia) -> dict[str, Any]:
+    """The ``KEY.json`` record (field order as in docs/shard_format.md)."""
+    video = row.media == "video"
+    return {
+        "id": row.id,
+        "key": key,
+        "media": row.media,
+        "captions": captions,
+        "source": row.source,
+        "sha256": sha256,
+        "codec": m.codec,
+        "num_frames": m.num_frames,
+        "fps": m.fps,
+        "duration": round(m.num_frames / m.fps, 6) if video and m.fps else 0.0,
+        "width": m.width,
+        "height": m.height,
+        "time_base": list(m.time_base) if video and m.time_base else None,
+        "start_pts": m.start_pts if video else None,
+        "pts_per_frame": m.pts_per_frame if video else None,
+        "keyframes": m.keyframes if video else [0],
+        "split": row.split,
+        "src": m.src,
+        "extra": row.extra,
+    }
+
+
+def _process(item: _Item) -> _Result:
+    """Read, hash, transcode/copy/encode and validate one row (runs in a worker process)."""
+    opts = _WORKER_OPTIONS
+    assert opts is not None, "worker not initialised"
+    result = _Result(index=item.index, row=item.row, key=item.key)
+    try:
+        if item.pre_reject is not None:
+            raise Reject(*item.pre_reject)
+        captions, result.captions_dropped = _check_captions(item.row, opts.max_caption_chars)
+        data = _read_source(item.row.source, opts.max_source_bytes)
+        result.sha256 = hashlib.sha256(data).hexdigest()
+        if item.row.media == "image":
+            media = encode_image(data, opts.short_side, opts.jpeg_quality, opts.limits())
+        elif opts.copy:
+            media = copy_video(data, opts.limits())
+        else:
+            media = transcode_video(data, opts.video_settings(), opts.limits())
+        meta = _metadata(item.row, item.key, captions, result.sha256, media)
+        vinfo = struct.pack("<4i", media.num_frames, media.width, media.height, round(media.fps * 1000))
+        result.members = [("json", json_bytes(meta)), ("txt", "\n".join(captions).encode()), ("vinfo", vinfo),
+                          (media.ext, media.data)]
+        result.num_frames, result.duration = media.num_frames, meta["duration"]
+    except Reject as r:
+        result.reject = (r.reason, r.detail)
+    except Exception as e:  # noqa: BLE001 -- one bad sample must never stop a million-row build
+        result.reject = ("internal_error", f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    return result
+
+
+def _results(items: list[_Item], pool: ProcessPoolExecutor | None, window: int) -> Iterator[_Result]:
+    """Results in manifest order; at most ``window`` rows in flight so memory stays bounded."""
+    if pool is None:
+        yield from map(_process, items)
+        return
+    pending: deque[Future[_Result]] = deque()
+    for item in items:
+        pending.append(pool.submit(_process, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ------------------------------------------------------------------------------------------------ ordered writer
+
+
+class _Partition:
+    """The ordered writer of one node's rows: assigns samples and rejects to shards, rolls shards."""
+
+    def __init__(self, out_dir: Path, stem: str, opts: ShardOptions, seq: int, seen: dict[str, str]) -> None:
+        self.out_dir, self.stem_prefix, self.opts = out_dir, stem, opts
+        self.seq, self.seen = seq, seen
+        self.writer: ShardWriter | None = None
+        self.start_row = 0
+        self.rejects: list[dict[str, Any]] = []  # rejects waiting for the shard that will own them
+        self.info: dict[str, Any] = {}
+        self.finished: list[dict[str, Any]] = []
+
+    def stem(self, seq: int) -> str:
+        return f"{self.stem_prefix}-{seq:06d}"
+
+    def feed(self, res: _Result, row_index: int) -> None:
+        reject = res.reject
+        if reject is None and not self.opts.keep_duplicates and res.sha256 in self.seen:
+            reject = ("duplicate", f"same bytes as key {self.seen[res.sha256]}")
+        if reject is not None:
+            self.rejects.append({"id": res.row.id, "source": res.row.source, "reason": reject[0],
+                                 "detail": reject[1], "row": res.row.line})
+            return
+        assert res.sha256 is not None
+        self.seen.setdefault(res.sha256, res.key)
+        if self.writer is not None and self._full(res.members):
+            self._finish(end_row=row_index)
+        if self.writer is None:
+            self._open(row_index)
+        assert self.writer is not None
+        rec = self.writer.add(res.key, res.members)
+        info = self.info
+        info["keys"].append(res.key)
+        info["media"].append(res.row.media)
+        info["num_frames"].append(res.num_frames)
+        info["offsets"].append(rec.offset)
+        info["sizes"].append(rec.size)
+        info["sha256"].append(res.sha256)
+        info["duration"] += res.duration
+        info["captions_dropped"] += res.captions_dropped
+
+    def _full(self, members: list[tuple[str, bytes]]) -> bool:
+        """Roll before a sample that would take the shard past --shard-size or --shard-bytes."""
+        assert self.writer is not None
+        if self.writer.num_samples >= self.opts.shard_size:
+            return True
+        if self.opts.shard_bytes is None:
+            return False
+        sample = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members)
+        return self.writer.bytes_written + sample + 1024 > self.opts.shard_bytes  # + tar end-of-archive blocks
+
+    def _open(self, row_index: int) -> None:
+        # Rejects seen before this shard's first sample belong to it, so its rows start where the last one ended.
+        self.writer = ShardWriter(self.out_dir, self.stem(self.seq))
+        self.info = {"keys": [], "media": [], "num_frames": [], "offsets": [], "sizes": [], "sha256": [],
+                     "duration": 0.0, "captions_dropped": 0, "t0": time.perf_counter()}
+
+    def _finish(self, end_row: int) -> None:
+        assert self.writer is not None
+        info = self.info
+        media = Counter(info["media"])
+        reasons = Counter(r["reason"] for r in self.rejects)
+        stats = {
+            "num_samples": self.writer.num_samples,
+            "rows": [self.start_row, end_row],
+            **{k: info[k] for k in ("keys", "media", "num_frames", "offsets", "sizes", "sha256")},
+            "duration": round(info["duration"], 6),
+            "counts": {"inputs": end_row - self.start_row, "written": self.writer.num_samples,
+                       "rejected": len(self.rejects), "videos": media["video"], "images": media["image"],
+                       "frames": sum(n for n, m in zip(info["num_frames"], info["media"]) if m == "video"),
+                       "captions_dropped": info["captions_dropped"]},
+            "rejects_by_reason": dict(sorted(reasons.items())),
+            "rejects": self.rejects,
+            "seconds": round(time.perf_counter() - info["t0"], 3),
+        }
+        self.finished.append(self.writer.finish(stats))
+        self.writer, self.rejects, self.start_row = None, [], end_row
+        self.seq += 1
+
+    def close(self, end_row: int) -> list[dict[str, Any]]:
+        """Finish the last shard (it owns trailing rejects); return rejects that no shard owns."""
+        if self.writer is not None:
+            self._finish(end_row)
+        orphans, self.rejects = self.rejects, []
+        return orphans
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _stem_prefix(opts: ShardOptions) -> str:
+    if opts.num_nodes == 1:
+        return opts.name
+    return f"{opts.name}-n{opts.node_rank:0{max(3, len(str(opts.num_nodes - 1)))}d}"
+
+
+def _prepare_items(rows: list[ManifestRow]) -> list[_Item]:
+    """Keys for every row; later rows whose key is taken are ``duplicate_id`` (decided globally, before any
+    partitioning, so that all nodes agree)."""
+    first: dict[str, ManifestRow] = {}
+    items = []
+    for i, row in enumerate(rows):
+        key = sanitize_key(row.id)
+        pre = None
+        if key in first:
+            other = first[key]
+            pre = ("duplicate_id", f"key {key!r} already used by id {other.id!r} at row {other.line}")
+        else:
+            first[key] = row
+        items.append(_Item(index=i, row=row, key=key, pre_reject=pre))
+    return items
+
+
+def _resume(out_dir: Path, part: _Partition, lo: int) -> tuple[list[dict[str, Any]], int]:
+    """The complete shards at the start of this partition (contiguous, each starting where the last ended)."""
+    done: list[dict[str, Any]] = []
+    row = lo
+    while (stats := shard_is_complete(out_dir, part.stem(len(done)))) is not None and stats["rows"][0] == row:
+        done.append(stats)
+        row = stats["rows"][1]
+    return done, row
+
+
+def _remove_stale(out_dir: Path, part: _Partition, keep: int) -> None:
+    """Delete temporaries and shards numbered past the end of this partition (left by an older run)."""
+    for tmp in out_dir.glob(f".{part.stem_prefix}-*.tmp"):
+        tmp.unlink(missing_ok=True)
+    seq = keep
+    while any((out_dir / f"{part.stem(seq)}{suffix}").exists() for suffix in (".tar", ".idx", "_stats.json")):
+        for suffix in ("_stats.json", ".idx", ".tar"):
+            (out_dir / f"{part.stem(seq)}{suffix}").unlink(missing_ok=True)
+        seq += 1
+
+
+def shard_manifest(
+    manifest: str | Path | Manifest, out_dir: str | Path, options: ShardOptions | None = None, **overrides: Any
+) -> ShardSummary:
+    """Build (or resume) the shard set of ``manifest`` in ``out_dir``; see :class:`ShardOptions` for options.
+
+    ``overrides`` are :class:`ShardOptions` fields, e.g. ``shard_manifest("m.jsonl", "out", workers=2,
+    shard_size=100, codec="vp9")``. Bad options or inputs raise :class:`~alpro.errors.AlproError`. Returns the
+    summary of this node's partition; with one node the dataset index is complete on return.
+    """
+    base = to_dict(options) if options is not None else {}
+    try:
+        opts = from_dict(ShardOptions, {**base, **overrides})
+    except ConfigError as e:
+        raise AlproError(str(e)) from None
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    if not isinstance(manifest, Manifest):
+        manifest = read_manifest(manifest, opts.format, media_root=opts.media_root, video_ext=opts.video_ext,
+                                 qa=opts.qa)
+    rows = select_rows(manifest.rows, split=opts.split, media=opts.media, limit=opts.limit)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    build = {
+        "format": "alpro-shard-build",
+        "version": 1,
+        "name": opts.name,
+        "manifest": {"path": str(manifest.path.resolve()), "format": manifest.format, "sha256": manifest.sha256,
+                     "rows": len(rows)},
+        "options": opts.output_options(),
+    }
+    write_build(out_dir, build)
+
+    items = _prepare_items(rows)
+    lo = len(items) * opts.node_rank // opts.num_nodes
+    hi = len(items) * (opts.node_rank + 1) // opts.num_nodes
+    part = _Partition(out_dir, _stem_prefix(opts), opts, seq=0, seen={})
+    done, resume_row = _resume(out_dir, part, lo)
+    part.seq, part.start_row = len(done), resume_row
+    for stats in done:
+        for sha, key in zip(stats["sha256"], stats["keys"]):
+            part.seen.setdefault(sha, key)
+    _remove_stale(out_dir, part, keep=len(done))
+
+    todo = items[resume_row:hi]
+    orphans: list[dict[str, Any]] = []
+    pool = None
+    if opts.workers > 1 and len(todo) > 1:
+        # fork: workers start in milliseconds and inherit the options; the pool exists before the progress bar.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker, initargs=(opts,))
+    else:
+        _init_worker(opts)
+    bar = tqdm(total=len(todo), unit="clip", desc=f"shard {out_dir.name}", disable=not opts.progress or None,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        n_rejects = 0
+        for res in _results(todo, pool, window=4 * opts.workers):
+            part.feed(res, res.index)
+            n_rejects += res.reject is not None
+            bar.update(1)
+            bar.set_postfix(rejects=n_rejects, shards=part.seq, refresh=False)
+        orphans = part.close(end_row=hi)
+    except BaseException:
+        part.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    _remove_stale(out_dir, part, keep=part.seq)
+
+    shards = done + part.finished
+    part_record = {"build": build, "rank": opts.node_rank, "num_nodes": opts.num_nodes, "rows": [lo, hi],
+                   "inputs": hi - lo, "shards": shards, "rejects": orphans}
+    index_path = part_path = None
+    if opts.num_nodes == 1:
+        merge_index(out_dir, [part_record])
+        index_path = out_dir / INDEX_NAME
+    else:
+        part_path = write_part(out_dir, opts.node_rank, opts.num_nodes, part_record)
+    rejects = [r for s in shards for r in s["rejects"]] + orphans
+    return ShardSummary(
+        out_dir=out_dir,
+        inputs=hi - lo,
+        written=sum(s["num_samples"] for s in shards),
+        rejected=len(rejects),
+        rejects_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        shards=len(shards),
+        resumed_shards=len(done),
+        processed=len(todo),
+        bytes=sum(s["bytes"] for s in shards),
+        frames=sum(s["counts"]["frames"] for s in shards),
+        duration=sum(s["duration"] for s in shards),
+        seconds=time.perf_counter() - t0,
+        index_path=index_path,
+        part_path=part_path,
+        warnings=list(manifest.warnings),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage mistakes as one AlproError line (exit 2) instead of usage + message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AlproError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="alpro shard", description="Pack a manifest into transcoded WebDataset tar shards "
+                "(docs/sharding.md). Reject reasons: " + ", ".join(REJECT_REASONS) + ".")
+    p.add_argument("manifest", nargs="?", help="manifest file (.csv .tsv .jsonl .json) or a folder of media")
+    p.add_argument("out_dir", nargs="?", help="output directory of the shard set")
+    p.add_argument("--merge-index", metavar="OUT_DIR", help="join the partial indexes of a multi-node build")
+    d = ShardOptions()
+    g = p.add_argument_group("inputs")
+    g.add_argument("--format", choices=FORMATS, help="manifest format (default: from the extension)")
+    g.add_argument("--media-root", type=Path, help="directory relative media paths resolve against")
+    g.add_argument("--video-ext", default=d.video_ext, help="extension added to clip names without one")
+    g.add_argument("--qa", type=Path, action="append", default=[], help="QA JSONL attached to clips as extra.qa")
+    g.add_argument("--split", help="keep only rows whose split equals SPLIT")
+    g.add_argument("--media", choices=("video", "image", "all"), default=d.media, help="keep only this media kind")
+    g.add_argument("--limit", type=int, help="keep only the first LIMIT rows (after filters)")
+    g = p.add_argument_group("output")
+    g.add_argument("--name", default=d.name, help="shard file prefix")
+    g.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard")
+    g.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="max bytes per shard (0: no limit)")
+    g = p.add_argument_group("video and images")
+    g.add_argument("--codec", choices=("h264", "vp9"), default=d.codec, help="h264: NVDEC/PyAV; vp9: DALI on CPU")
+    g.add_argument("--copy", action="store_true", help="store CFR mp4 sources as they are (probed + validated)")
+    g.add_argument("--gop", type=int, default=d.gop, help="keyframe every GOP frames")
+    g.add_argument("--fps", type=float, help="target frame rate (never above the source's)")
+    g.add_argument("--fps-scale", type=float, help="frame rate = source fps x SCALE (ALPRO used 0.1)")
+    g.add_argument("--short-side", type=int, default=d.short_side, help="resize short side to at most this")
+    g.add_argument("--crf", type=int, help="quality (default: 23 for h264, 32 for vp9)")
+    g.add_argument("--preset", default=d.preset, help="x264 preset")
+    g.add_argument("--max-duration", type=float, help="keep at most this many seconds of each clip")
+    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images")
+    g = p.add_argument_group("checks")
+    g.add_argument("--keep-duplicates", action="store_true", help="keep samples whose source bytes repeat")
+    g.add_argument("--max-source-bytes", type=int, default=d.max_source_bytes)
+    g.add_argument("--max-source-duration", type=float, default=d.max_source_duration)
+    g.add_argument("--min-side", type=int, default=d.min_side)
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels)
+    g.add_argument("--max-aspect", type=float, default=d.max_aspect)
+    g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars)
+    g.add_argument("--max-reject-ratio", type=float, default=d.max_reject_ratio,
+                   help="exit 1 if more than this fraction of inputs is rejected")
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=d.workers, help="transcode processes")
+    g.add_argument("--node-rank", type=int, default=d.node_rank, help="this node's partition (e.g. SLURM_ARRAY_TASK_ID)")
+    g.add_argument("--num-nodes", type=int, default=d.num_nodes, help="number of partitions")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except AlproError as e:
+        print(f"alpro shard: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.merge_index:
+        if args.manifest or args.out_dir:
+            raise AlproError("--merge-index OUT_DIR takes no MANIFEST/OUT_DIR arguments")
+        index = merge_index(args.merge_index)
+        t = index["totals"]
+        print(f"merged {t['shards']} shards, {t['samples']} samples, {t['rejected']} rejects "
+              f"-> {Path(args.merge_index) / INDEX_NAME}")
+        if t["cross_node_duplicates"]:
+            print(f"  warning: {t['cross_node_duplicates']} sample(s) duplicate the bytes of a sample on another node")
+        return 0
+    if not args.manifest or not args.out_dir:
+        raise AlproError("give MANIFEST and OUT_DIR (or --merge-index OUT_DIR)")
+    values = {k: v for k, v in vars(args).items() if k not in ("manifest", "out_dir", "merge_index", "no_progress")}
+    values["progress"] = not args.no_progress
+    if values["shard_bytes"] == 0:
+        values["shard_bytes"] = None
+    summary = shard_manifest(args.manifest, args.out_dir, **values)
+    print(summary.table())
+    ratio_limit = values["max_reject_ratio"]
+    if summary.reject_ratio > ratio_limit:
+        print(f"alpro shard: {summary.rejected}/{summary.inputs} inputs rejected "
+              f"({100 * summary.reject_ratio:.1f} % > --max-reject-ratio {ratio_limit}); "
+              f"written shards are kept, see {Path(args.out_dir) / 'rejects.jsonl'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
