@@ -123,7 +123,7 @@ class VideoEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.num_patches, C))
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, C))  # zero: not in the ViT weights
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # 0 -> rate, linear
         self.blocks = nn.ModuleList(
             DividedSpaceTimeBlock(C, cfg.num_heads, cfg.mlp_ratio, rate, cfg.layer_norm_eps, attention_backend)
             for rate in rates
