@@ -74,7 +74,8 @@ def test_alpro_base_has_the_papers_size():
     with torch.device("meta"):
         model = build_model(ModelConfig.preset("alpro-base"), "pretrain")
     C, P, T, depth = 768, 196, 4, 12
-    block = 3 * 2 * C + (3 * C * C + 3 * C + C * C + C) * 2 + (C * C + C) + (8 * C * C + 5 * C)  # norms, 2 attn, fc, mlp
+    # per block: 3 LayerNorms, 2 x (qkv + proj), temporal_fc, MLP
+    block = 3 * 2 * C + (3 * C * C + 3 * C + C * C + C) * 2 + (C * C + C) + (8 * C * C + 5 * C)
     timesformer = depth * block + (3 * 16 * 16 * C + C) + C + (1 + P) * C + T * C + 2 * C
     assert sum(p.numel() for p in model.video_encoder.parameters()) == timesformer == 121_255_680
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

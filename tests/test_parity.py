@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from alpro.kernels import get_attention_backend, set_attention_backend
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from alpro.data.batch import Batch
-from alpro.kernels import get_attention_backend, set_attention_backend
 from alpro.models import ModelConfig, TextConfig, VisionConfig, build_model, load_checkpoint
 from alpro.models.evaluation import RetrievalEmbeddings, scores_lavis, scores_original, vtm_pair_logits
 
@@ -58,11 +58,14 @@ class Recorder:
         self.out: dict[str, torch.Tensor] = {}
         ve, te = model.video_encoder, model.text_encoder
         self.handles = [ve.patch_embed.register_forward_hook(self._keep("vis.patch_embed_out")),
-                        ve.blocks[0].register_forward_pre_hook(lambda m, a: self.out.__setitem__("vis.blocks_in", a[0])),
+                        ve.blocks[0].register_forward_pre_hook(self._keep_input("vis.blocks_in")),
                         ve.norm.register_forward_hook(self._keep("vis.video_embeds_unpooled")),
                         te.bert.embeddings.register_forward_hook(self._keep("txt.embeddings_out"))]
         self.handles += [b.register_forward_hook(self._keep(f"vis.block{i}_out")) for i, b in enumerate(ve.blocks)]
         self.handles += [layer.register_forward_hook(self._keep(f"layer{i}_out")) for i, layer in enumerate(te.layers)]
+
+    def _keep_input(self, name):
+        return lambda module, args: self.out.__setitem__(name, args[0])
 
     def _keep(self, name):
         return lambda module, args, output: self.out.__setitem__(name, output)

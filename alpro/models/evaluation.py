@@ -126,10 +126,12 @@ def _rerank(model: ALPRO, emb: RetrievalEmbeddings, sims: torch.Tensor, k_test: 
 
 
 def _rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
-    ranks = ranks.float()
-    return {"r1": 100 * (ranks <= 1).float().mean().item(), "r5": 100 * (ranks <= 5).float().mean().item(),
-            "r10": 100 * (ranks <= 10).float().mean().item(), "medr": ranks.median().item() if len(ranks) else 0.0,
-            "meanr": ranks.mean().item()}
+    """Recalls in percent; MdR as numpy's median (the mean of the middle two for an even count), as the original."""
+    if len(ranks) == 0:
+        return {"r1": 0.0, "r5": 0.0, "r10": 0.0, "medr": 0.0, "meanr": 0.0}
+    ranks = ranks.double()
+    recall = {f"r{k}": 100.0 * int((ranks <= k).sum()) / len(ranks) for k in (1, 5, 10)}
+    return {**recall, "medr": float(ranks.quantile(0.5)), "meanr": float(ranks.mean())}
 
 
 def retrieval_metrics(score_t2v: torch.Tensor, text_to_video: Sequence[int] | torch.Tensor,
@@ -181,7 +183,7 @@ def qa_accuracy(predictions: torch.Tensor, targets: torch.Tensor,
     strings and so can never match an answer the classifier cannot output.
     """
     correct = (predictions.cpu() == targets.cpu()) & (targets.cpu() != -100)
-    out = {"acc": 100 * correct.float().mean().item() if len(correct) else 0.0, "n": float(len(correct))}
+    out = {"acc": 100.0 * int(correct.sum()) / max(len(correct), 1), "n": float(len(correct))}
     if answer_types is not None:
         by_type: dict[str, list[bool]] = defaultdict(list)
         for kind, ok in zip(answer_types, correct.tolist()):
