@@ -10,18 +10,31 @@ output *before* the ``proj`` Linear, in the same row layout, so the model never 
 - ``spatial_attention(qkv (B, 1+N*T, 3C))``: each frame t attends over ``[CLS, (0,t), ..., (N-1,t)]``; the CLS
   row is shared by (copied into) every frame. Returns ``(cls_out (B, T, C), patch_out (B, N*T, C))``.
 
-Backends (``backend=`` or :func:`set_attention_backend`): ``reference`` (explicit softmax, the TimeSformer
-maths), ``sdpa`` (``F.scaled_dot_product_attention``), and -- added in :mod:`alpro.kernels` when available --
-``triton``/``xformers``. ``auto`` picks the fastest correct one for the device.
+Backends (``backend=`` or :func:`set_attention_backend`):
+
+- ``reference``: explicit softmax, the TimeSformer maths, with the rearrange/cat copies.
+- ``sdpa``: the same rearrangements around ``F.scaled_dot_product_attention``.
+- ``triton``: fused kernels (:mod:`alpro.kernels.attention_triton`) that read ``qkv`` by strides. CUDA tensors,
+  or CPU tensors when ``TRITON_INTERPRET=1`` was set before the first Triton call (slow; for tests).
+- ``xformers``: ``memory_efficient_attention`` around the same rearrangements; CUDA only, imported lazily.
+- ``auto`` (default): CUDA -> ``triton`` when installed and the shape is supported, else ``xformers`` when
+  installed, else ``sdpa``; CPU -> ``sdpa`` (2.9x faster than ``reference`` for fwd+bwd at B=2, T=4, 197 tokens,
+  12 heads on this project's 2-core CI machine), never the interpreter.
+
+``deterministic`` (Triton spatial backward only; the other paths ignore it): None follows
+``torch.are_deterministic_algorithms_enabled()``. The Triton temporal backward is deterministic by construction.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
+from alpro.kernels import triton_support
 
 _BACKEND = "auto"
-BACKENDS = ("auto", "reference", "sdpa")
+BACKENDS = ("auto", "reference", "sdpa", "triton", "xformers")
 
 
 def set_attention_backend(name: str) -> None:
@@ -64,7 +77,16 @@ def _attend_sdpa(qkv: torch.Tensor, num_heads: int, scale: float | None) -> torc
     return o.transpose(1, 2).reshape(G, L, C3 // 3)
 
 
-_ATTEND = {"reference": _attend_reference, "sdpa": _attend_sdpa}
+def _attend_xformers(qkv: torch.Tensor, num_heads: int, scale: float | None) -> torch.Tensor:
+    """xformers takes (batch, seq, heads, head_dim): the qkv view itself, no permute."""
+    import xformers.ops as xops
+
+    G, L, C3 = qkv.shape
+    q, k, v = qkv.reshape(G, L, 3, num_heads, C3 // (3 * num_heads)).unbind(2)  # each (G, L, H, Dh)
+    return xops.memory_efficient_attention(q, k, v, scale=scale).reshape(G, L, C3 // 3)
+
+
+_ATTEND = {"reference": _attend_reference, "sdpa": _attend_sdpa, "xformers": _attend_xformers}
 
 
 def temporal_attention_reference(
@@ -100,24 +122,67 @@ def spatial_attention_reference(
 # ------------------------------------------------------------------------------------------------- dispatch
 
 
-def _resolve(backend: str | None, qkv: torch.Tensor) -> str:
+def _xformers_installed() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def _triton_error(qkv: torch.Tensor, num_frames: int, num_heads: int, op: str) -> str | None:
+    err = triton_support.launch_error(qkv, op)
+    if err:
+        return err
+    from alpro.kernels import attention_triton  # lazy: defining the kernels fixes the interpreter mode
+
+    return attention_triton.check(qkv, num_frames, num_heads, op)
+
+
+def _resolve(backend: str | None, qkv: torch.Tensor, num_frames: int, num_heads: int, op: str) -> str:
     name = backend or _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"{op}: unknown attention backend {name!r}; choose one of {BACKENDS}")
     if name == "auto":
+        if qkv.is_cuda and triton_support.triton_installed() and not _triton_error(qkv, num_frames, num_heads, op):
+            return "triton"
+        if qkv.is_cuda and _xformers_installed():
+            return "xformers"
         return "sdpa"
+    if name == "triton":
+        err = _triton_error(qkv, num_frames, num_heads, op)
+        if err:
+            raise ValueError(err)
+    if name == "xformers" and not (qkv.is_cuda and _xformers_installed()):
+        raise ValueError(f"{op}: backend 'xformers' needs the xformers package and a CUDA tensor (got {qkv.device})")
     return name
 
 
 def temporal_attention(
-    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float | None = None, backend: str | None = None
+    qkv: torch.Tensor,
+    num_frames: int,
+    num_heads: int,
+    scale: float | None = None,
+    backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """Temporal half of divided space-time attention. See the module docstring for layouts."""
-    name = _resolve(backend, qkv)
+    name = _resolve(backend, qkv, num_frames, num_heads, "temporal_attention")
+    if name == "triton":
+        from alpro.kernels import attention_triton
+
+        return attention_triton.temporal_attention(qkv, num_frames, num_heads, scale)
     return temporal_attention_reference(qkv, num_frames, num_heads, scale, attend=_ATTEND[name])
 
 
 def spatial_attention(
-    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float | None = None, backend: str | None = None
+    qkv: torch.Tensor,
+    num_frames: int,
+    num_heads: int,
+    scale: float | None = None,
+    backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spatial half of divided space-time attention. See the module docstring for layouts."""
-    name = _resolve(backend, qkv)
+    name = _resolve(backend, qkv, num_frames, num_heads, "spatial_attention")
+    if name == "triton":
+        from alpro.kernels import attention_triton
+
+        return attention_triton.spatial_attention(qkv, num_frames, num_heads, scale, deterministic)
     return spatial_attention_reference(qkv, num_frames, num_heads, scale, attend=_ATTEND[name])

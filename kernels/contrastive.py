@@ -11,24 +11,48 @@ each rank and features gathered from all ranks (with gradients)::
 ``temp`` is a learnable 0-d tensor; gradients flow to both features and ``temp``.
 With one process ``video_all is video_local`` and ``rank_offset == 0``.
 
-Backends: ``reference`` (materialises the (B, G) logits), plus ``chunked`` / ``triton`` (O(B*D) memory) in
-:mod:`alpro.kernels` when available. ``auto`` picks per device and size.
+Backends (``backend=`` or :func:`set_contrastive_backend`):
+
+- ``reference``: the formula above; materialises the (B, G) logits (several copies in the backward).
+- ``chunked``: the same maths as ``logsumexp(logits) - positive`` per row, with the log-sum-exp computed by a
+  custom autograd function over row chunks that recomputes each chunk in the backward: O(B*D + chunk*G)
+  memory, any device. The positives are an O(B*D) product left to autograd.
+- ``triton``: the same decomposition with fused kernels (:mod:`alpro.kernels.contrastive_triton`): no logit
+  ever reaches memory. CUDA, or CPU under ``TRITON_INTERPRET=1``.
+- ``auto`` (default): CUDA -> ``triton`` when installed (feature dim <= 256), else ``chunked``; CPU ->
+  ``reference`` up to ``AUTO_CHUNKED_MIN_LOGITS`` logits per direction (ALPRO's 16 x 256 is tiny), ``chunked``
+  beyond.
+
+All paths accumulate in fp32 and return an fp32 loss; gradients reach ``temp`` in every path.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from alpro.kernels import triton_support
 
 _BACKEND = "auto"
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "chunked", "triton")
+# Below this many logits per direction (16 MB in fp32) the reference is cheap and bit-compatible with ALPRO's
+# formula; above it ``auto`` switches to the chunked path on CPU.
+AUTO_CHUNKED_MIN_LOGITS = 1 << 22
+CHUNK_LOGITS = 1 << 22  # logits held per chunk by the chunked path: rows = CHUNK_LOGITS // G
 
 
 def set_contrastive_backend(name: str) -> None:
+    """Process-wide default backend for :func:`contrastive_loss` (the model's config sets it at build time)."""
     global _BACKEND
     if name not in BACKENDS:
         raise ValueError(f"unknown contrastive backend {name!r}; choose one of {BACKENDS}")
     _BACKEND = name
+
+
+def get_contrastive_backend() -> str:
+    return _BACKEND
+
+
+# ----------------------------------------------------------------------------------------------- references
 
 
 def contrastive_loss_reference(
@@ -46,6 +70,94 @@ def contrastive_loss_reference(
     return (F.cross_entropy(sim_v2t.float(), target) + F.cross_entropy(sim_t2v.float(), target)) / 2
 
 
+class _ChunkedSimilarityLSE(torch.autograd.Function):
+    """``logsumexp_j(scale * x_i . y_j)`` over row chunks; the backward recomputes each chunk's probabilities.
+
+    Peak memory is O((M + N) * D + chunk * N) instead of the reference's several (M, N) matrices. Everything
+    is computed in fp32 (CPU bf16 matmuls are slow and inaccurate anyway).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
+        y32 = y.float()
+        lse = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+        for i in range(0, x.shape[0], chunk):
+            lse[i : i + chunk] = torch.logsumexp((x[i : i + chunk].float() @ y32.t()) * scale.float(), dim=1)
+        ctx.chunk = chunk
+        ctx.save_for_backward(x, y, scale, lse)
+        return lse
+
+    @staticmethod
+    def backward(ctx, dlse: torch.Tensor):  # type: ignore[override]
+        x, y, scale, lse = ctx.saved_tensors
+        s32, y32 = scale.float(), y.float()
+        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
+        dscale = torch.zeros((), device=x.device, dtype=torch.float32)
+        for i in range(0, x.shape[0], ctx.chunk):
+            x_c = x[i : i + ctx.chunk].float()
+            logits = x_c @ y32.t()  # (chunk, N), unscaled
+            p = torch.exp(logits * s32 - lse[i : i + ctx.chunk, None]) * dlse[i : i + ctx.chunk, None]
+            dx[i : i + ctx.chunk] = p @ y32
+            dy += p.t() @ x_c
+            dscale += (p * logits).sum()
+        return (dx * s32).to(x.dtype), (dy * s32).to(y.dtype), dscale.to(scale.dtype).reshape(scale.shape), None
+
+
+def similarity_lse_chunked(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, D), (N, D), 0-d scale -> (M,) fp32 ``logsumexp_j(scale * x_i . y_j)`` in O(M*D + N*D) memory."""
+    chunk = max(1, min(x.shape[0], CHUNK_LOGITS // max(1, y.shape[0])))
+    return _ChunkedSimilarityLSE.apply(x, y, scale, chunk)
+
+
+def _similarity_lse_triton(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    from alpro.kernels import contrastive_triton  # lazy: defining the kernels fixes the interpreter mode
+
+    return contrastive_triton.similarity_lse_op(x, y, scale)
+
+
+def contrastive_loss_lse(
+    video_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    video_all: torch.Tensor,
+    text_all: torch.Tensor,
+    temp: torch.Tensor,
+    rank_offset: int,
+    similarity_lse,
+) -> torch.Tensor:
+    """The reference's loss as ``mean(lse - positive)`` per direction, with the log-sum-exp from ``similarity_lse``."""
+    B = video_feat.shape[0]
+    scale = 1.0 / temp.float()
+    pos_text = text_all[rank_offset : rank_offset + B].float()  # the positive of row i is column i + rank_offset
+    pos_video = video_all[rank_offset : rank_offset + B].float()
+    v2t = similarity_lse(video_feat, text_all, scale) - (video_feat.float() * pos_text).sum(-1) * scale
+    t2v = similarity_lse(text_feat, video_all, scale) - (text_feat.float() * pos_video).sum(-1) * scale
+    return (v2t.mean() + t2v.mean()) / 2
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+
+def _resolve(backend: str | None, video_feat: torch.Tensor, text_all: torch.Tensor) -> str:
+    name = backend or _BACKEND
+    if name not in BACKENDS:
+        raise ValueError(f"contrastive_loss: unknown backend {name!r}; choose one of {BACKENDS}")
+    if name in ("auto", "triton"):
+        err = triton_support.launch_error(video_feat, "contrastive_loss")
+        if not err:
+            from alpro.kernels import contrastive_triton
+
+            err = contrastive_triton.check(video_feat, text_all)
+        if name == "triton" and err:
+            raise ValueError(err)
+        if name == "auto":
+            if video_feat.is_cuda:
+                return "chunked" if err else "triton"
+            large = video_feat.shape[0] * text_all.shape[0] > AUTO_CHUNKED_MIN_LOGITS
+            return "chunked" if large else "reference"
+    return name
+
+
 def contrastive_loss(
     video_feat: torch.Tensor,
     text_feat: torch.Tensor,
@@ -58,9 +170,19 @@ def contrastive_loss(
     """Symmetric InfoNCE over local rows x global columns. ``*_all`` default to the local features."""
     video_all = video_feat if video_all is None else video_all
     text_all = text_feat if text_all is None else text_all
+    B, G = video_feat.shape[0], text_all.shape[0]
+    if text_feat.shape[0] != B or video_all.shape[0] != G or not 0 <= rank_offset <= G - B:
+        raise ValueError(
+            f"contrastive_loss: local batches {B}/{text_feat.shape[0]}, gathered {G}/{video_all.shape[0]} "
+            f"and rank_offset {rank_offset} do not fit (need equal sizes and 0 <= offset <= G - B)"
+        )
     if not torch.is_tensor(temp):
         temp = torch.tensor(float(temp), device=video_feat.device)
-    return contrastive_loss_reference(video_feat, text_feat, video_all, text_all, temp, rank_offset)
+    name = _resolve(backend, video_feat, text_all)
+    if name == "reference":
+        return contrastive_loss_reference(video_feat, text_feat, video_all, text_all, temp, rank_offset)
+    lse = similarity_lse_chunked if name == "chunked" else _similarity_lse_triton
+    return contrastive_loss_lse(video_feat, text_feat, video_all, text_all, temp, rank_offset, lse)
 
 
 def local_similarity(video_feat: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor | float) -> torch.Tensor:

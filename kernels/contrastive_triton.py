@@ -1,0 +1,290 @@
+"""Fused similarity log-sum-exp in Triton: the O(B*D)-memory core of the video-text contrastive loss.
+
+InfoNCE splits into a log-sum-exp over each row of the logit matrix and the positive logit (Inf-CL's
+decomposition)::
+
+    loss_v2t = mean_i( logsumexp_j(scale * v_i . t_j) - scale * v_i . t_{i+offset} )
+
+The positives are a (B, D) product that autograd handles; the log-sum-exp is the part whose logits never
+fit in memory at large batch. This module computes ``lse_i = logsumexp_j(scale * x_i . y_j)`` for local rows
+``x (M, D)`` against global columns ``y (N, D)`` with an online max, so only (M,) floats are written:
+
+- forward: one program per row block, looping over column blocks (online softmax, as in FlashAttention);
+- backward: ``P = exp(scale * x y^T - lse) * dlse`` is recomputed tile by tile, twice: row blocks own
+  ``dx = scale * P y`` and the per-row terms of ``dscale = sum(P * x y^T)``, column blocks own
+  ``dy = scale * P^T x``. No atomics anywhere, so the backward is deterministic; the extra recompute costs
+  one more pass over the (compute-bound at large B) logits.
+
+The whole feature dim is one tile (``BLOCK_D = next_pow2(D)``, up to 256: ALPRO's projection dim), so each
+score tile is a single ``tl.dot``. Calling the op twice (video rows x gathered text, text rows x gathered
+video) gives the symmetric loss; with one process those are the row and column log-sum-exps of the same
+matrix. :mod:`alpro.kernels.contrastive` assembles the loss and holds the PyTorch twins.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from alpro.kernels.triton_support import device_guard, dot_precision, interpreting, launch_error, matmul_dtype, tl_dtype
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E)
+MAX_DIM = 256
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _lse_fwd_kernel(
+    X, Y, SCALE, LSE,
+    M, N, stride_x, stride_y,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D)[None, :]
+    x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=(offs_m < M)[:, None] & d_ok, other=0.0)
+    x = x.to(MM_DTYPE)
+    scale2 = tl.load(SCALE).to(tl.float32) * LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=(offs_n < N)[:, None] & d_ok, other=0.0)
+        s = tl.dot(x, tl.trans(y.to(MM_DTYPE)), input_precision=PRECISION) * scale2
+        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite after the first tile (N >= 1)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < M)
+
+
+@triton.jit
+def _lse_bwd_dx_kernel(
+    X, Y, SCALE, LSE, DLSE, DX, DSCALE_ROWS,
+    M, N, stride_x, stride_y, stride_dx,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dx for a row block, and per-row terms of dscale (summed by the launcher)."""
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D)[None, :]
+    m_ok = offs_m < M
+    x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+    x = x.to(MM_DTYPE)
+    scale = tl.load(SCALE).to(tl.float32)
+    lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * LOG2E
+    g = tl.load(DLSE + offs_m, mask=m_ok, other=0.0)  # 0 on padded rows: their P vanishes
+
+    dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dscale = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+        y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=(offs_n < N)[:, None] & d_ok, other=0.0)
+        y = y.to(MM_DTYPE)
+        s = tl.dot(x, tl.trans(y), input_precision=PRECISION)  # raw x . y
+        p = tl.exp2(s * (scale * LOG2E) - lse2[:, None]) * g[:, None]
+        p = tl.where((offs_n < N)[None, :], p, 0.0)
+        dx += tl.dot(p.to(MM_DTYPE), y, input_precision=PRECISION)
+        dscale += tl.sum(p * s, 1)
+    tl.store(DX + offs_m[:, None] * stride_dx + offs_d[None, :], (dx * scale).to(DX.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok)  # fmt: skip
+    tl.store(DSCALE_ROWS + offs_m, dscale, mask=m_ok)
+
+
+@triton.jit
+def _lse_bwd_dy_kernel(
+    X, Y, SCALE, LSE, DLSE, DY,
+    M, N, stride_x, stride_y, stride_dy,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dy for a column block; scores are computed transposed (columns x rows) so dy needs no transpose."""
+    offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < D)[None, :]
+    n_ok = offs_n < N
+    y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
+    y = y.to(MM_DTYPE)
+    scale = tl.load(SCALE).to(tl.float32)
+
+    dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = offs_m < M
+        x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
+        x = x.to(MM_DTYPE)
+        lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * LOG2E
+        g = tl.load(DLSE + offs_m, mask=m_ok, other=0.0)
+        pt = tl.exp2(tl.dot(y, tl.trans(x), input_precision=PRECISION) * (scale * LOG2E) - lse2[None, :])
+        pt = tl.where(m_ok[None, :], pt * g[None, :], 0.0)
+        dy += tl.dot(pt.to(MM_DTYPE), x, input_precision=PRECISION)
+    tl.store(DY + offs_n[:, None] * stride_dy + offs_d[None, :], (dy * scale).to(DY.dtype.element_ty),
+             mask=n_ok[:, None] & d_ok)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+# Not yet timed on a GPU (none on this project's machines). The whole feature dim is one tile, so tiles are sized
+# by registers and shared memory; every list below is what ptxas compiles for sm_80 and sm_90 at D = 256 without
+# spilling and within shared memory (`python -m alpro.kernels.compile_check`, asserted by
+# tests/test_kernels_compile.py). Measured: 64 x 64 fp32 forward tiles with 3 stages need 192 KB on sm_80 (A100
+# allows 163 KB); in the backward the (BLOCK, 256) fp32 accumulator is what spills -- 64 rows x 4 warps spill
+# 64-840 B -- so the backward uses 8 warps or 32-row tiles. At large B the op is compute-bound
+# (~b*B/(b+B) FLOP/B), where the 128-row forward tiles halve the column traffic per row.
+
+
+def _configs(*specs: tuple[int, int, int, int]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) -> triton.Config list."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
+
+
+LSE_FWD_CONFIGS = {
+    "narrow": _configs((64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 8, 2)),
+    "wide": _configs((64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)),
+}
+LSE_BWD_DX_CONFIGS = {
+    "narrow": _configs((32, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
+    "wide": _configs((32, 32, 4, 2), (32, 32, 8, 2)),
+}
+LSE_BWD_DY_CONFIGS = {
+    "narrow": _configs((64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
+    "wide": _configs((32, 32, 4, 2), (64, 32, 8, 2)),
+}
+
+
+def width_class(block_d: int, mm_dtype) -> str:
+    """16-bit operands ("narrow") or fp32 operands ("wide"); D <= 256 either way."""
+    return "wide" if mm_dtype == tl.float32 else "narrow"
+
+
+def _tuned(kernel, table: dict):
+    def prune(configs, named_args, **kwargs):
+        return table[width_class(kwargs["BLOCK_D"], kwargs["MM_DTYPE"])]
+
+    configs = table["narrow"] + table["wide"]
+    return triton.autotune(configs, key=["BLOCK_D"], prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+_lse_fwd_tuned = _tuned(_lse_fwd_kernel, LSE_FWD_CONFIGS)
+_lse_bwd_dx_tuned = _tuned(_lse_bwd_dx_kernel, LSE_BWD_DX_CONFIGS)
+_lse_bwd_dy_tuned = _tuned(_lse_bwd_dy_kernel, LSE_BWD_DY_CONFIGS)
+_INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}  # the one config used when interpreting
+
+
+def _launch(tuned, kernel, grid, args: tuple, meta: dict) -> None:
+    if interpreting():
+        kernel[grid(_INTERPRETER_CONFIG)](*args, **meta, **_INTERPRETER_CONFIG, num_warps=4, num_stages=1)
+    else:
+        tuned[grid](*args, **meta)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+
+def check(x: torch.Tensor, y: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot run on these features (None when they can). Used by the dispatch."""
+    err = launch_error(x, "contrastive_loss")
+    if err:
+        return err
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        return f"contrastive_loss: features must be (M, D) and (N, D), got {tuple(x.shape)} and {tuple(y.shape)}"
+    if x.shape[1] > MAX_DIM:
+        return f"contrastive_loss: the Triton kernels support feature dims up to {MAX_DIM}, got {x.shape[1]}"
+    return None
+
+
+def _prepare(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    err = check(x, y)
+    if err:
+        raise ValueError(err)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    x, y = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (x, y))
+    return x, y, scale.detach().reshape(1).to(torch.float32)
+
+
+def _meta(x: torch.Tensor) -> dict:
+    mm = matmul_dtype(x.dtype)
+    D = x.shape[1]
+    return {"D": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "MM_DTYPE": tl_dtype(mm),
+            "PRECISION": dot_precision(mm)}  # fmt: skip
+
+
+def lse_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x, y, scale = _prepare(x, y, scale)
+    M, N = x.shape[0], y.shape[0]
+    lse = torch.empty(M, device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    with device_guard(x):
+        _launch(_lse_fwd_tuned, _lse_fwd_kernel, grid, (x, y, scale, lse, M, N, x.stride(0), y.stride(0)), _meta(x))
+    return lse
+
+
+def lse_backward(
+    dlse: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x_dtype, y_dtype, scale_dtype = x.dtype, y.dtype, scale.dtype
+    x, y, scale32 = _prepare(x, y, scale)
+    dlse = dlse.to(torch.float32).contiguous()
+    M, N = x.shape[0], y.shape[0]
+    dx, dy = torch.empty_like(x), torch.empty_like(y)
+    dscale_rows = torch.empty(M, device=x.device, dtype=torch.float32)
+    meta = _meta(x)
+
+    def grid_m(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    def grid_n(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]),)
+
+    with device_guard(x):
+        _launch(_lse_bwd_dx_tuned, _lse_bwd_dx_kernel, grid_m,
+                (x, y, scale32, lse, dlse, dx, dscale_rows, M, N, x.stride(0), y.stride(0), dx.stride(0)), meta)  # fmt: skip
+        _launch(_lse_bwd_dy_tuned, _lse_bwd_dy_kernel, grid_n,
+                (x, y, scale32, lse, dlse, dy, M, N, x.stride(0), y.stride(0), dy.stride(0)), meta)  # fmt: skip
+    dscale = dscale_rows.sum().to(scale_dtype).reshape(scale.shape)
+    return dx.to(x_dtype), dy.to(y_dtype), dscale
+
+
+# ----------------------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("alpro::similarity_lse", mutates_args=())
+def similarity_lse_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(M, D), (N, D), 0-d scale -> (M,) fp32 ``logsumexp_j(scale * x_i . y_j)``."""
+    return lse_forward(x, y, scale)
+
+
+@similarity_lse_op.register_fake
+def _(x, y, scale):
+    return x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("alpro::similarity_lse_backward", mutates_args=())
+def similarity_lse_backward_op(
+    dlse: torch.Tensor, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return lse_backward(dlse, x, y, scale, lse)
+
+
+@similarity_lse_backward_op.register_fake
+def _(dlse, x, y, scale, lse):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output)
+
+
+def _grad(ctx, dlse):
+    x, y, scale, lse = ctx.saved_tensors
+    return similarity_lse_backward_op(dlse, x, y, scale, lse)
+
+
+similarity_lse_op.register_autograd(_grad, setup_context=_setup)
