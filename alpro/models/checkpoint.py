@@ -25,6 +25,7 @@ from timm.layers import resample_abs_pos_embed
 
 from alpro.config import to_dict
 from alpro.errors import AlproError
+from alpro.models.text_encoder import TextEncoder
 from alpro.models.video_encoder import resize_pos_embed, resize_time_embed
 
 # Keys other code bases store that carry nothing we use.
@@ -170,6 +171,16 @@ def _resize_video_embeddings(state: dict[str, torch.Tensor], target: dict[str, t
         report.resized[key] = (tuple(value.shape), tuple(state[key].shape))
 
 
+def _text_only_extras(model: nn.Module) -> re.Pattern:
+    """Keys a text-only BERT (the prompter's) deliberately lacks: the fusion layers and the MLM head that the
+    original's prompter carried but never used."""
+    prefixes = [re.escape(f"{name}.") for name, m in model.named_modules()
+                if isinstance(m, TextEncoder) and m.text_only]
+    if not prefixes:
+        return re.compile(r"(?!)")  # matches nothing
+    return re.compile(rf"^({'|'.join(prefixes)})(bert\.encoder\.layer\.\d+\.|cls\.)")
+
+
 def _endswith(key: str, suffixes: tuple[str, ...]) -> bool:
     return bool(suffixes) and key.endswith(suffixes)
 
@@ -189,8 +200,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = False,
             del state[key]
     target = model.state_dict()
     _resize_video_embeddings(state, target, report)
-    report.unexpected = sorted(k for k in state if k not in target)
-    for key in report.unexpected:
+    unused = _text_only_extras(model)
+    for key in sorted(k for k in state if k not in target):
+        (report.ignored if unused.match(key) else report.unexpected).append(key)
         del state[key]
     for key, value in state.items():
         if value.shape != target[key].shape:
@@ -200,6 +212,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = False,
     aliases = _aliases(model)
     report.missing = sorted(k for k in result.missing_keys if k not in aliases and not _endswith(k, skip))
     report.loaded = len(state)
+    report.ignored.sort()
     if strict and not report.ok:
         raise AlproError(f"strict load failed: {report}")
     return report
@@ -242,6 +255,7 @@ def load_vit_weights(model: nn.Module, path: str | Path) -> LoadReport:
                              f"{tuple(target[key].shape)} (width / patch size differ?)")
     missing = encoder.load_state_dict(vit, strict=False).missing_keys
     by_design = re.compile(r"^(time_embed|blocks\.\d+\.temporal_fc\.(weight|bias))$")
+    report.ignored.sort()
     report.kept_init = sorted(k for k in missing if by_design.match(k))
     report.missing = sorted(k for k in missing if not by_design.match(k))
     report.loaded = len(vit)

@@ -103,6 +103,8 @@ def captions_from_shards(pattern: str) -> Iterator[str]:
     if not files:
         raise AlproError(f"no .tar shards found at {pattern}")
     for file in files:
+        if not file.is_file():
+            raise AlproError(f"shard not found: {file}")
         try:
             with tarfile.open(file) as tar:
                 for member in tar:

@@ -60,6 +60,7 @@ class TextEncoder(nn.Module):
         super().__init__()
         config = bert_config(cfg, cfg.fusion_layer if text_only else cfg.num_layers)
         self.fusion_layer = cfg.fusion_layer
+        self.text_only = text_only
         self.bert = BertModel(config, add_pooling_layer=False)
         self.cls = BertOnlyMLMHead(config) if mlm_head else None
         if self.cls is not None:  # BertForMaskedLM's init and tying: decoder weight = word embeddings
