@@ -109,7 +109,7 @@ class Scene:
     objects: tuple[SceneObject, ...]
 
     def signature(self) -> tuple:
-        """Order-free identity of the scene: two scenes with equal signatures have the same captions."""
+        """Order-free identity: scenes with equal signatures are described by the same words."""
         return (self.background, tuple(sorted(self.objects)))
 
 
@@ -451,8 +451,9 @@ def plan_paths(scene: Scene, rng: np.random.Generator, width: int, height: int) 
     """One path per object, in scene order.
 
     Object i owns row lane i and column lane perm[i] of an n x n grid: horizontal movers travel along their row,
-    vertical movers and bouncers along their column, the others stay at (column, row), so objects that stay put
-    never overlap. Movers cross 75-100% of the free range, a good part of the frame between any 4 sparse frames.
+    vertical movers and bouncers along their column, the others stay at (column, row). So a mover never runs over
+    an object that stays in place; only two movers can cross. Movers cross 75-100% of the free range, a good part
+    of the frame between any 4 sparse frames.
     """
     n = len(scene.objects)
     perm = rng.permutation(n)
@@ -501,7 +502,7 @@ def render_frames(scene: Scene, rng: np.random.Generator, width: int, height: in
 
 def render_clip(scene: Scene, path: str | os.PathLike, *, seed: Sequence[int], num_frames: int, fps: int = 24,
                 size: tuple[int, int] = (160, 120)) -> None:
-    """Write ``scene`` as an H.264 mp4 (libx264 defaults, yuv420p, constant ``fps``), byte-reproducible from ``seed``.
+    """Write ``scene`` as an H.264 mp4 (libx264, yuv420p, constant ``fps``), byte-reproducible from ``seed``.
 
     The file appears under its final name only when complete (written to ``path + '.tmp'``, then renamed).
     """
@@ -555,12 +556,11 @@ class _Job:
     size: tuple[int, int]
 
 
-def _run_job(job: _Job) -> str:
+def _run_job(job: _Job) -> None:
     if job.kind == "clip":
         render_clip(job.scene, job.path, seed=job.seed, num_frames=job.num_frames, fps=job.fps, size=job.size)
     else:
         render_image(job.scene, job.path, seed=job.seed, size=job.size)
-    return job.kind
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -665,7 +665,8 @@ def generate(out_dir: str | os.PathLike, *, num_clips: int = 2000, num_images: i
     with tqdm(total=len(jobs), desc="synth", unit="item", disable=not progress, dynamic_ncols=True) as bar:
         if workers == 1:
             for job in jobs:
-                bar.update(bool(_run_job(job)))
+                _run_job(job)
+                bar.update()
         else:
             # spawn, not fork: callers (tests, the demo) may already run torch threads, which fork can deadlock.
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
