@@ -13,14 +13,14 @@ byte-identical whatever the number of worker processes (parallelism is across cl
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 import av
-import numpy as np
 from av.video.frame import PictureType
+from av.video.reformatter import Interpolation
 from PIL import Image, ImageOps
 
 __all__ = [
@@ -211,10 +211,44 @@ def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.Video
         raise Reject("decode_error", _one_line(e)) from None
 
 
-def _rotate(frame: av.VideoFrame, quarter_turns: int) -> av.VideoFrame:
-    """Apply a display-matrix rotation (counter-clockwise quarter turns) to the pixels."""
-    rgb = np.rot90(frame.to_ndarray(format="rgb24"), k=quarter_turns)  # (H, W, 3) -> (W, H, 3) for odd k
-    return av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+# BITEXACT + ACCURATE_RND: swscale's SIMD and C paths (chosen by CPU and buffer alignment) may otherwise round
+# differently; one thread: no slice threading. Scaled frames then depend on the input pixels only.
+_SWS_FLAGS = Interpolation.AREA | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+
+
+def _converter(rot: int, width: int, height: int) -> Callable[[av.VideoFrame], av.VideoFrame]:
+    """Source frame -> stored frame: scale to the stored size as yuv420p, then apply the display rotation."""
+    w, h = (height, width) if rot % 2 else (width, height)
+    rotate = _Rotator(rot, w, h) if rot else None
+
+    def convert(frame: av.VideoFrame) -> av.VideoFrame:
+        out = frame.reformat(width=w, height=h, format="yuv420p", interpolation=_SWS_FLAGS, threads=1)
+        return rotate(out) if rotate else out
+
+    return convert
+
+
+class _Rotator:
+    """Applies a display-matrix rotation with FFmpeg's ``transpose`` / ``hflip,vflip`` filters: an exact pixel
+    permutation of the already-scaled yuv420p frame, into FFmpeg's own padded frame buffers (no numpy round
+    trip, no second colour conversion)."""
+
+    _FILTERS = {1: [("transpose", "cclock")], 2: [("hflip", None), ("vflip", None)], 3: [("transpose", "clock")]}
+
+    def __init__(self, quarter_turns: int, width: int, height: int) -> None:
+        self.graph = av.filter.Graph()
+        node = self.graph.add_buffer(width=width, height=height, format="yuv420p", time_base=Fraction(1, 1000))
+        for name, arg in self._FILTERS[quarter_turns]:
+            nxt = self.graph.add(name, arg)
+            node.link_to(nxt)
+            node = nxt
+        node.link_to(self.graph.add("buffersink"))
+        self.graph.configure()
+
+    def __call__(self, frame: av.VideoFrame) -> av.VideoFrame:
+        frame.pts, frame.time_base = 0, Fraction(1, 1000)
+        self.graph.push(frame)
+        return self.graph.pull()
 
 
 def _encoder(container: av.container.OutputContainer, settings: VideoSettings, fps: Fraction, width: int,
@@ -224,7 +258,11 @@ def _encoder(container: av.container.OutputContainer, settings: VideoSettings, f
         stream = container.add_stream("libx264", rate=fps)
         crf = 23 if settings.crf is None else settings.crf
         # scenecut=0 + min-keyint=keyint: keyframes exactly at 0, gop, 2*gop, ... (sparse-access cost is bounded).
-        params = f"keyint={settings.gop}:min-keyint={settings.gop}:scenecut=0:bframes=0:threads=1:open-gop=0"
+        # mbtree=0: with macroblock-tree rate control x264 (core 165) is not reproducible on small frames (the same
+        # input encoded after other clips in one process gave different bytes); within an 8-frame GOP mbtree
+        # buys little anyway.
+        params = (f"keyint={settings.gop}:min-keyint={settings.gop}:scenecut=0:bframes=0:open-gop=0:mbtree=0:"
+                  "threads=1")
         stream.options = {"preset": settings.preset, "crf": str(crf), "x264-params": params}
     elif settings.codec == "vp9":
         stream = container.add_stream("libvpx-vp9", rate=fps)
@@ -283,13 +321,14 @@ def transcode_video(data: bytes, settings: VideoSettings, limits: MediaLimits) -
                     w, h = (src["height"], src["width"]) if rot % 2 else (src["width"], src["height"])
                     out_w, out_h = output_size(w, h, settings.short_side)
                     enc = _encoder(sink, settings, fps, out_w, out_h)
+                    convert = _converter(rot, out_w, out_h)
                 t -= t0
                 if t <= last_t:  # non-increasing timestamps: a broken or duplicated frame, skip it
                     continue
                 # Every slot before this frame's time shows the previous frame.
                 while prev is not None and pending < t and (limit is None or pending < limit):
                     if prev_conv is None:
-                        prev_conv = _convert(prev, rot, out_w, out_h)
+                        prev_conv = convert(prev)
                     emit(prev_conv)
                     pending = Fraction(encoded) / fps
                 if limit is not None and t >= limit:
@@ -302,7 +341,7 @@ def transcode_video(data: bytes, settings: VideoSettings, limits: MediaLimits) -
                 end = last_t + dur if limit is None else min(last_t + dur, limit)
                 while pending < end:
                     if prev_conv is None:
-                        prev_conv = _convert(prev, rot, out_w, out_h)
+                        prev_conv = convert(prev)
                     emit(prev_conv)
                     pending = Fraction(encoded) / fps
             if enc is None or encoded == 0:
@@ -314,12 +353,6 @@ def transcode_video(data: bytes, settings: VideoSettings, limits: MediaLimits) -
     media = validate_video(out.getvalue(), expected_frames=encoded)
     media.src = src
     return media
-
-
-def _convert(frame: av.VideoFrame, rot: int, width: int, height: int) -> av.VideoFrame:
-    if rot:
-        frame = _rotate(frame, rot)
-    return frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
 
 
 def validate_video(data: bytes, expected_frames: int | None = None) -> EncodedMedia:

@@ -24,6 +24,7 @@ import hashlib
 import multiprocessing as mp
 import struct
 import sys
+import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alpro.sharding._cli import OneLineParser
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
 from alpro.sharding.manifest import FORMATS, Manifest, ManifestRow, read_manifest, sanitize_key, select_rows
 from alpro.sharding.media import (
@@ -381,8 +383,10 @@ class _Partition:
             return True
         if self.opts.shard_bytes is None:
             return False
-        sample = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members)
-        return self.writer.bytes_written + sample + 1024 > self.opts.shard_bytes  # + tar end-of-archive blocks
+        sample = sum(512 + (len(d) + 511) // 512 * 512 for _, d in members)  # header + padded data
+        end = self.writer.bytes_written + sample + 2 * 512  # + the end-of-archive blocks
+        final = -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE  # tar files are padded to whole records
+        return final > self.opts.shard_bytes
 
     def _open(self, row_index: int) -> None:
         # Rejects seen before this shard's first sample belong to it, so its rows start where the last one ended.
@@ -574,15 +578,8 @@ def shard_manifest(
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage mistakes as one AlproError line (exit 2) instead of usage + message."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise AlproError(message)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="alpro shard", description="Pack a manifest into transcoded WebDataset tar shards "
+    p = OneLineParser(prog="alpro shard", description="Pack a manifest into transcoded WebDataset tar shards "
                 "(docs/sharding.md). Reject reasons: " + ", ".join(REJECT_REASONS) + ".")
     p.add_argument("manifest", nargs="?", help="manifest file (.csv .tsv .jsonl .json) or a folder of media")
     p.add_argument("out_dir", nargs="?", help="output directory of the shard set")
