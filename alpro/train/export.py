@@ -58,11 +58,14 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
 
 def export_final(ckpt: Path, final_dir: Path, cfg, model, tokenizer, answer_vocab: dict[str, Any] | None) -> Path:
     """Write ``final/`` for a finished run (rank 0 only)."""
+    from alpro.models import save_safetensors
     from alpro.train.config import dump_config
 
     final_dir.mkdir(parents=True, exist_ok=True)
-    state = consolidated_state_dict(ckpt)
-    save_state_dict(state, final_dir / "model.safetensors", {"format": "alpro", "stage": cfg.stage})
+    # The consolidated fp32 master weights (not the possibly bf16 module copy), saved through the model so the
+    # file carries its config and task and stores tied weights once.
+    model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    save_safetensors(model, final_dir / "model.safetensors", {"stage": cfg.stage})
     (final_dir / "config.yaml").write_text(dump_config(cfg))
     tokenizer.save_pretrained(str(final_dir / "tokenizer"))
     if answer_vocab is not None:

@@ -139,10 +139,30 @@ def build_ds_config(
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict[str, Any]):
     import deepspeed
+    from deepspeed.runtime.engine import DeepSpeedEngine
 
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    # DeepSpeed 0.19 broadcasts every parameter as `p.data.view(torch.uint8)` when the engine is built, which
+    # raises for 0-d parameters such as ALPRO's learnable temperature. During that broadcast only (before the
+    # ZeRO optimizer records parameter shapes), 0-d parameters are seen as 1-element vectors.
+    original = DeepSpeedEngine._broadcast_model
+
+    def broadcast_model(self) -> None:
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.reshape(1)
+        try:
+            original(self)
+        finally:
+            for p in scalars:
+                p.data = p.data.reshape(())
+
+    DeepSpeedEngine._broadcast_model = broadcast_model
+    try:
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+    finally:
+        DeepSpeedEngine._broadcast_model = original
     return engine, optimizer, scheduler
 
 

@@ -1,0 +1,240 @@
+"""Evaluation: text-video retrieval (zero-shot or fine-tuned) and video QA, in training and as ``alpro eval``.
+
+    alpro eval runs/pretrain --task retrieval --split test            # zero-shot retrieval of a pre-trained run
+    alpro eval runs/qa --split test --out results.json                  # QA accuracy overall and per type
+    torchrun --nproc_per_node 2 -m alpro.train.evaluate runs/msrvtt_ret --protocol both
+
+Every rank embeds its share of the clips (the eval loader gives each clip to exactly one rank), embeddings are
+gathered, and the fusion passes of the scoring are split by rows across ranks. The maths (both retrieval
+protocols, metrics, QA accuracy) lives in :mod:`alpro.models.evaluation`.
+
+Reported next to each metric is its chance level: R@k of a random ranking is k / #clips, and QA accuracy is
+compared with always answering the most frequent training answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from alpro.errors import AlproError
+
+LOG = logging.getLogger("alpro")
+
+
+def _eval_split(cfg) -> str | None:
+    for split in ("val", "test"):
+        if cfg.data.split(split).video is not None:
+            return split
+    return None
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.contiguous()
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragraph: bool = False):
+    """Embed every clip of ``loader`` and all of their captions. Returns (RetrievalEmbeddings, text_to_video,
+    keys), identical on every rank."""
+    from alpro.data.text import encode
+    from alpro.models.evaluation import RetrievalEmbeddings, embed_texts, embed_videos, paragraph_queries
+
+    local: list[dict[str, Any]] = []
+    for batch in loader:
+        keep = batch.valid if batch.valid is not None else torch.ones(len(batch), dtype=torch.bool)
+        if not keep.any():
+            continue
+        idx = keep.nonzero().squeeze(1)
+        video_embeds, video_feat = embed_videos(model, batch.video[idx].to(device))
+        clip_texts = [batch.all_texts[i] for i in idx.tolist()]
+        queries = paragraph_queries(clip_texts) if paragraph else [t for ts in clip_texts for t in ts]
+        owners = list(range(len(clip_texts))) if paragraph else [i for i, ts in enumerate(clip_texts) for _ in ts]
+        ids, mask = encode(tokenizer, queries, max_len)
+        text_embeds, text_feat = embed_texts(model, ids.to(device), mask.to(device))
+        local.append({
+            "keys": [batch.keys[i] for i in idx.tolist()],
+            "video_embeds": video_embeds.cpu(), "video_feat": video_feat.float().cpu(),
+            "text_embeds": text_embeds.cpu(), "text_mask": mask, "text_feat": text_feat.float().cpu(),
+            "owners": owners,
+        })
+    parts = [p for rank_parts in _all_gather_objects(local) for p in rank_parts]
+    if not parts:
+        raise AlproError("retrieval evaluation: the evaluation split has no clips")
+    keys, text_to_video, offset = [], [], 0
+    for p in parts:
+        keys += p["keys"]
+        text_to_video += [offset + o for o in p["owners"]]
+        offset += len(p["keys"])
+    cat = lambda name: torch.cat([p[name] for p in parts])
+    emb = RetrievalEmbeddings(cat("video_embeds"), cat("video_feat"), cat("text_embeds"), cat("text_mask"),
+                              cat("text_feat"))
+    return emb, text_to_video, keys
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, split: str,
+                       protocol: str | None = None) -> dict[str, float]:
+    from alpro.data import build_eval_loader
+    from alpro.models.evaluation import retrieval_metrics, scores_lavis, scores_original
+
+    protocol = protocol or cfg.eval.protocol
+    loader = build_eval_loader(cfg.data, "retrieval", tokenizer, rank, world, split=split, seed=cfg.seed)
+    emb, gt, keys = retrieval_embeddings(model, loader, tokenizer, cfg.data.max_text_len, device,
+                                         paragraph=cfg.eval.paragraph or cfg.data.paragraph)
+    n_videos, n_texts = emb.video_feat.shape[0], emb.text_feat.shape[0]
+    out: dict[str, float] = {"n_videos": float(n_videos), "n_texts": float(n_texts),
+                             "chance_r1": 100.0 / n_videos, "chance_r5": min(100.0, 500.0 / n_videos),
+                             "chance_r10": min(100.0, 1000.0 / n_videos)}
+    vtc = emb.text_feat @ emb.video_feat.t()  # (Nt, Nv) cosine
+    out.update({f"vtc_{k}": v for k, v in retrieval_metrics(vtc, gt).items()})
+    has_vtm = getattr(model, "vtm_head", None) is not None
+    shard = (rank, world)
+    if has_vtm and protocol in ("original", "both"):
+        scores = _sum_across_ranks(scores_original(model, emb, cfg.eval.batch_size, shard=shard))
+        out.update({f"original_{k}": v for k, v in retrieval_metrics(scores, gt).items()})
+    if has_vtm and protocol in ("lavis", "both"):
+        v2t, t2v = scores_lavis(model, emb, cfg.eval.k_test, cfg.eval.batch_size, shard=shard)
+        v2t, t2v = _sum_across_ranks(v2t), _sum_across_ranks(t2v)
+        out.update({f"lavis_{k}": v for k, v in retrieval_metrics(t2v, gt, v2t).items()})
+    return out
+
+
+@torch.no_grad()
+def evaluate_qa(model, cfg, tokenizer, answer_vocab: dict[str, int], rank: int, world: int, device,
+                split: str) -> dict[str, float]:
+    from alpro.data import build_eval_loader
+    from alpro.models.evaluation import predict_answers, qa_accuracy
+
+    loader = build_eval_loader(cfg.data, "qa", tokenizer, rank, world, split=split, answer_vocab=answer_vocab,
+                               seed=cfg.seed)
+    preds, targets, types = [], [], []
+    for batch in loader:
+        keep = batch.valid if batch.valid is not None else torch.ones(len(batch), dtype=torch.bool)
+        idx = keep.nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        p = predict_answers(model, batch.video[idx].to(device), batch.input_ids[idx].to(device),
+                            batch.attention_mask[idx].to(device))
+        preds.append(p.cpu())
+        targets.append(batch.answer_ids[idx].cpu())
+        types += [batch.answer_types[i] for i in idx.tolist()] if batch.answer_types else []
+    gathered = _all_gather_objects((preds, targets, types))
+    preds = torch.cat([p for g in gathered for p in g[0]])
+    targets = torch.cat([t for g in gathered for t in g[1]])
+    types = [t for g in gathered for t in g[2]] or None
+    out = qa_accuracy(preds, targets, types)
+    # Majority baseline: the vocabulary is sorted by training frequency, so label 0 is the most common answer.
+    out["majority_acc"] = 100.0 * float((targets == 0).float().mean())
+    return out
+
+
+def evaluate_during_training(model, cfg, tokenizer, answer_vocab, rank: int, world: int, device) -> dict[str, Any]:
+    """The stage's own evaluation on val (or test when there is no val split); {} when neither is set."""
+    split = _eval_split(cfg)
+    if split is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.stage == "qa":
+            return evaluate_qa(model, cfg, tokenizer, answer_vocab, rank, world, device, split)
+        return evaluate_retrieval(model, cfg, tokenizer, rank, world, device, split)
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def _load_run(path: Path, overrides: list[str]):
+    """A run directory (its final/) or a final/ directory -> (RunConfig, weights path, final dir)."""
+    from alpro.config import apply_overrides, from_dict, load_yaml
+    from alpro.train.config import RunConfig
+
+    final = path / "final" if (path / "final").is_dir() else path
+    if not (final / "config.yaml").is_file() or not (final / "model.safetensors").is_file():
+        raise AlproError(f"{path}: not a finished run (expected final/config.yaml and final/model.safetensors)")
+    data = apply_overrides(load_yaml(final / "config.yaml"), overrides)
+    return from_dict(RunConfig, data), final / "model.safetensors", final
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="alpro eval", description="Evaluate retrieval or QA from a finished run.",
+                                epilog="Extra --section.key VALUE pairs override the run's config "
+                                       "(e.g. --data.test.video shards/test --data.eval_batch_size 64).")
+    p.add_argument("run", type=Path, help="a run directory (uses RUN/final) or a final/ directory")
+    p.add_argument("--task", choices=["retrieval", "qa"], default=None,
+                   help="default: qa for QA runs, retrieval otherwise (zero-shot for a pre-trained run)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--protocol", choices=["original", "lavis", "both"], default=None)
+    p.add_argument("--k-test", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    args, overrides = p.parse_known_args(argv)
+    if args.k_test is not None:
+        overrides += ["--eval.k_test", str(args.k_test)]
+    cfg, weights, final = _load_run(args.run, overrides)
+    task = args.task or ("qa" if cfg.stage == "qa" else "retrieval")
+    if cfg.data.split(args.split).video is None:
+        raise AlproError(f"the run's config has no data.{args.split}.video: pass --data.{args.split}.video SHARDS")
+
+    from alpro.data import build_tokenizer
+    from alpro.models import build_model, load_checkpoint
+    from alpro.train import runtime
+    from alpro.train.metrics import setup_logging
+
+    rank, world, local = runtime.init_distributed()
+    setup_logging(None, rank)
+    device = runtime.device_for(local)
+    tokenizer = build_tokenizer(tokenizer_dir=final / "tokenizer")
+    answer_vocab = None
+    if task == "qa":
+        vocab_path = final / "answer_vocab.json"
+        if not vocab_path.is_file():
+            raise AlproError(f"{final}: no answer_vocab.json (is this a QA run?)")
+        answer_vocab = json.loads(vocab_path.read_text())
+    model = build_model(cfg.model, task, vocab_size=len(tokenizer),
+                        num_answers=len(answer_vocab) if answer_vocab else None)
+    report = load_checkpoint(model, weights)
+    LOG.info(str(report))
+    model.to(device).eval()
+    t0 = time.perf_counter()
+    if task == "qa":
+        results = evaluate_qa(model, cfg, tokenizer, answer_vocab, rank, world, device, args.split)
+    else:
+        results = evaluate_retrieval(model, cfg, tokenizer, rank, world, device, args.split, args.protocol)
+    results["seconds"] = time.perf_counter() - t0
+    if rank == 0:
+        print(json.dumps({"run": str(args.run), "task": task, "split": args.split, **results}, indent=1))
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"task": task, "split": args.split, **results}, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from alpro.cli import main as cli_main
+
+    raise SystemExit(cli_main(["eval", *sys.argv[1:]]))
