@@ -331,3 +331,11 @@ def test_qa_ignores_answers_outside_the_vocabulary():
     torch.testing.assert_close(out["loss_qa"], F.cross_entropy(logits[:3], batch.answer_ids[:3]))
     with pytest.raises(ValueError, match="num_answers"):
         build_model(debug_cfg(), "qa", vocab_size=VOCAB)
+
+
+def test_bf16_weights_take_fp32_batches():
+    """A bf16 engine casts the weights, not the batch: the model casts the clips itself."""
+    model = pretrain_model(debug_cfg(pem_discard="none")).to(torch.bfloat16)
+    out = model(make_batch(model.cfg))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.vtm_head.weight.grad.dtype == torch.bfloat16

@@ -214,7 +214,7 @@ class ALPRO(nn.Module):
         if len(texts) > 1 or self.use_pem:
             fused = self.fuse(torch.cat(texts), torch.cat(masks), torch.cat(videos)).split(B)  # k x (B, L+1+P, D)
         if self.use_vtm:
-            logits = self.vtm_head(torch.cat([f[:, 0] for f in fused[:3]]))  # (3B, 2): B positives, 2B negatives
+            logits = self.vtm_head(torch.cat([f[:, 0] for f in fused[:3]])).float()  # (3B, 2): B pos., 2B neg.
             labels = torch.cat([logits.new_ones(B), logits.new_zeros(2 * B)]).long()
             out["loss_vtm"] = F.cross_entropy(logits, labels)
             out["acc_vtm"] = (logits.argmax(1) == labels).float().mean()

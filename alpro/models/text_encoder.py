@@ -46,7 +46,8 @@ def bert_config(cfg: TextConfig, num_layers: int | None = None) -> BertConfig:
 def additive_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B, L) 1/0 key mask -> (B, 1, 1, L) additive mask in the dtype the attention scores will have."""
     device_type = like.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else like.dtype
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast else like.dtype
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
 
 

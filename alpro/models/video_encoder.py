@@ -154,6 +154,7 @@ class VideoEncoder(nn.Module):
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, 1 + N*T, C): patch, spatial and temporal embeddings, in block row order."""
         B, _, T, H, W = video.shape
+        video = video.to(self.pos_embed.dtype)  # a bf16/fp16 engine casts the weights, not the batch
         p = self.patch_embed.patch_size[0]
         grid = (H // p, W // p)
         frames = video.transpose(1, 2).reshape(B * T, video.shape[1], H, W)  # (B*T, 3, H, W)
