@@ -1,14 +1,19 @@
 """Session-wide test shards for the loader tests: a few tiny H.264 / VP9 clips and JPEG images, built once.
 
 Shards follow docs/shard_format.md. ``write_shards`` is a small stand-in writer used until the sharder lands.
+:func:`shared_corpus` builds once per test session (module-level cache) under a temporary directory.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
+import shutil
 import struct
 import tarfile
+import tempfile
 from pathlib import Path
 
 import media_factory as mf
@@ -26,7 +31,9 @@ def _member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
 
 
 def write_shards(out: Path, samples: list[dict], per_shard: int = 4, name: str = "shard") -> Path:
-    """samples: {key, path, captions, media ("video"|"image"), extra}. Writes tars + index.json.zst."""
+    """samples: {key, path, captions, media ("video"|"image"), extra} and, to make bad samples, ``meta_from``
+    (probe another file for the metadata), ``override`` (metadata fields) and ``raw_json`` (member bytes).
+    Writes GNU tars + index.json.zst."""
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for s0 in range(0, len(samples), per_shard):
@@ -39,7 +46,7 @@ def write_shards(out: Path, samples: list[dict], per_shard: int = 4, name: str =
                 meta = {"id": s["key"], "key": s["key"], "media": s["media"], "captions": s["captions"],
                         "extra": s.get("extra", {})}
                 if s["media"] == "video":
-                    m = probe(data)
+                    m = probe(Path(s.get("meta_from", s["path"])).read_bytes())
                     ppf = int(m.pts[1] - m.pts[0])
                     meta.update(codec=m.codec, num_frames=m.num_frames, fps=24.0, width=m.width, height=m.height,
                                 start_pts=int(m.start_pts), pts_per_frame=ppf, keyframes=m.keyframes.tolist())
@@ -48,7 +55,7 @@ def write_shards(out: Path, samples: list[dict], per_shard: int = 4, name: str =
                 else:
                     meta.update(codec="jpeg", num_frames=1)
                     vinfo = struct.pack("<4i", 1, 0, 0, 0)
-                _member(tar, f"{s['key']}.json", json.dumps(meta).encode())
+                _member(tar, f"{s['key']}.json", s.get("raw_json", json.dumps(meta).encode()))
                 _member(tar, f"{s['key']}.txt", "\n".join(s["captions"]).encode())
                 _member(tar, f"{s['key']}.vinfo", vinfo)
                 ext = "jpg" if s["media"] == "image" else Path(s["path"]).suffix.lstrip(".")
@@ -91,3 +98,28 @@ def make_corpus(root: Path, n_video: int = 8, n_image: int = 4, codec: str = "h2
 
 def frames_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool((a == b).all())
+
+
+@functools.cache
+def shared_corpus() -> dict[str, Path]:
+    """{'video', 'image', 'vp9'} shard directories shared by every loader test of the session."""
+    root = Path(tempfile.mkdtemp(prefix="alpro-loader-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    video, image = make_corpus(root / "h264", n_video=8, n_image=5, qa=True)
+    vp9, _ = make_corpus(root / "vp9", n_video=4, n_image=0, codec="vp9")
+    return {"video": video, "image": image, "vp9": vp9, "root": root}
+
+
+def write_foreign(out: Path, clips: list[Path], per_shard: int = 3) -> Path:
+    """video2dataset's layout: ``KEY.mp4 + KEY.txt + KEY.json`` in default-format (PAX) tars, no index."""
+    out.mkdir(parents=True, exist_ok=True)
+    for s0 in range(0, len(clips), per_shard):
+        with tarfile.open(out / f"{s0 // per_shard:05d}.tar", "w") as tar:
+            for i, clip in enumerate(clips[s0 : s0 + per_shard], start=s0):
+                key = f"{s0 // per_shard:05d}{i:04d}"
+                meta = {"url": f"https://example.com/{i}.mp4", "key": key, "status": "success",
+                        "caption": f"foreign clip {i}"}
+                _member(tar, f"{key}.mp4", clip.read_bytes())
+                _member(tar, f"{key}.txt", f"foreign clip {i}".encode())
+                _member(tar, f"{key}.json", json.dumps(meta).encode())
+    return out

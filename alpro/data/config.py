@@ -126,8 +126,9 @@ class DataConfig:
     """Pre-training / prompter: side of the square resize before the random ``frame_size`` crop (the original
     resizes to 256 ignoring aspect, then crops 224). None = round(frame_size * 256 / 224). Fine-tuning and
     evaluation of retrieval / QA resize straight to ``frame_size`` as the original."""
-    interpolation: Literal["bilinear", "bicubic", "area"] = "bilinear"
-    """Filter of the decode-time resize (PyAV's swscale, DALI's resize)."""
+    interpolation: Literal["bilinear", "bicubic", "area"] = "bicubic"
+    """Filter of the decode-time resize (PyAV's swscale, DALI's resize). The original resized inside decord,
+    whose FFmpeg scale filter defaults to bicubic."""
 
     max_text_len: int = 30
     """Tokens per text incl. [CLS]/[SEP], padded to this length (pre-training 30, MSRVTT 40, DiDeMo 50)."""

@@ -138,15 +138,17 @@ class DaliRenderer:
         return self.builder.assemble(task, prepared, pixels, stats)
 
     def _pyav(self, task: Task, p: Prepared, fallbacks: list[int], stats: BatchStats):
-        """One item through the PyAV path, with the plan's replacements if it cannot be decoded."""
+        """One item through the PyAV path, with the plan's replacement rule if it cannot be decoded."""
         try:
             return p, self.builder.render_timed(p, stats).pixels.to(self.torch_device)
         except SampleError as e:
             stats.skips[e.reason] += 1
+            if not self.items.train:
+                return None, None
             if not fallbacks:
-                raise SampleError("too_many_bad_samples", f"replacements exhausted (last: {e})") from None
-            prepared, rendered = self.builder.with_replacement(task, fallbacks.pop(0), fallbacks, stats, render=True)
-            return prepared, rendered.pixels.to(self.torch_device)
+                raise AlproError(f"replacements exhausted in batch {task.step} (last: {e})") from None
+            replaced = self.builder.with_replacement(task, fallbacks.pop(0), fallbacks, stats, render=True)
+            return replaced[0], replaced[1].pixels.to(self.torch_device)
 
 
 def _build_pipeline(batch_size: int, threads: int, device: str, device_id: int | None, size: int,

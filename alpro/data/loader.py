@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ STATE_VERSION = 1
 # ------------------------------------------------------------------------------------------------ sources
 
 
-def _sources(cfg: DataConfig, task: str, split: str) -> list[tuple[str, Any, str | None, float]]:
+def task_sources(cfg: DataConfig, task: str, split: str) -> list[tuple[str, Any, str | None, float]]:
     """(kind, spec, index, weight) of the sources a task reads in a split."""
     if task not in TASKS:
         raise AlproError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
@@ -97,12 +98,15 @@ class _TaskDataset(torch.utils.data.Dataset):
         self.builder, self.prepare_only = builder, prepare_only
 
     def __getitem__(self, task: Task):
-        if self.prepare_only[task.source]:
-            stats = BatchStats()
-            prepared, fallbacks = self.builder.prepare_task(task, stats)
-            return "prepared", task, prepared, fallbacks, stats
-        batch, stats = self.builder.build(task)
-        return "batch", task, batch, None, stats
+        try:
+            if self.prepare_only[task.source]:
+                stats = BatchStats()
+                prepared, fallbacks = self.builder.prepare_task(task, stats)
+                return "prepared", task, prepared, fallbacks, stats
+            batch, stats = self.builder.build(task)
+            return "batch", task, batch, None, stats
+        except AlproError as e:  # handed to the main process, which raises it as one clear line
+            return "error", task, str(e), None, None
 
     def __len__(self) -> int:  # never used for sampling; DataLoader only needs it to exist for map-style
         return 0
@@ -135,7 +139,7 @@ class Loader:
         self.train = split == "train"
         if task == "qa" and answer_vocab is None and self.train:
             raise AlproError("QA training needs answer_vocab (build_answer_vocab on the training shards)")
-        sources = _sources(cfg, task, split)
+        sources = task_sources(cfg, task, split)
         self.kinds = [kind for kind, *_ in sources]
         self.weights = [w for *_, w in sources]
         self.shardsets = [resolve(spec, f"data.{split}.{kind}", index) for kind, spec, index, _ in sources]
@@ -167,7 +171,7 @@ class Loader:
         self._sampler = _TaskStream()
         self._dataloader: DataLoader | None = None
         self._state = {"step": 0, "sources": [[0, 0] for _ in self.kinds]}
-        self._window = _Window()
+        self._window = MetricsWindow()
         self._skips: Counter = Counter()
 
     # -- decoder selection
@@ -175,7 +179,8 @@ class Loader:
     def _dali_renderer(self):
         from alpro.data.dali import choose_decoder
 
-        if "video" not in self.kinds or choose_decoder(self.cfg) != "dali":
+        self.decoder = choose_decoder(self.cfg)
+        if "video" not in self.kinds or self.decoder != "dali":
             return None
         from alpro.data.dali import DaliRenderer
 
@@ -253,10 +258,17 @@ class Loader:
     def _loader(self) -> DataLoader:
         if self._dataloader is None:
             workers = self.cfg.num_workers
+            context = None
+            if workers and self.decoder == "dali":
+                # Forking a process that runs DALI threads crashes the children: DALI runs start their
+                # workers from a clean fork server instead (the dataset is pickled to them once).
+                multiprocessing.set_forkserver_preload(["alpro.data.loader"])
+                context = "forkserver"
             self._dataloader = DataLoader(
                 self._dataset, batch_size=None, sampler=self._sampler, num_workers=workers,
                 collate_fn=_identity, worker_init_fn=_worker_init if workers else None,
                 prefetch_factor=self.cfg.prefetch_factor if workers else None, persistent_workers=workers > 0,
+                multiprocessing_context=context,
             )
         return self._dataloader
 
@@ -272,10 +284,9 @@ class Loader:
                 kind, task, payload, fallbacks, stats = next(iterator)
             except StopIteration:
                 return
-            if kind == "prepared":
-                batch = self.renderer.render(task, payload, fallbacks, stats)
-            else:
-                batch = payload
+            if kind == "error":
+                raise AlproError(payload)
+            batch = self.renderer.render(task, payload, fallbacks, stats) if kind == "prepared" else payload
             if batch.pem_box is not None:
                 batch.crop_video = crop_video(batch.video, batch.pem_box)
             if self.cfg.pin_memory and torch.cuda.is_available() and batch.video.device.type == "cpu":
@@ -311,7 +322,7 @@ def _pin(batch: Batch) -> Batch:
     return batch
 
 
-class _Window:
+class MetricsWindow:
     """Counters between two ``metrics()`` calls."""
 
     def __init__(self):
@@ -363,7 +374,7 @@ def build_eval_loader(cfg: DataConfig, task: str, tokenizer, rank: int, world_si
 
 def _flat_specs(cfg: DataConfig, task: str, split: str) -> list[str]:
     out = []
-    for _, spec, _, _ in _sources(cfg, task, split):
+    for _, spec, _, _ in task_sources(cfg, task, split):
         out.extend([spec] if isinstance(spec, str) else list(spec))
     return out
 
@@ -388,7 +399,7 @@ def build_answer_vocab(train_source: str | list[str] | DataConfig, top_k: int = 
 def corpus_texts(cfg: DataConfig, task: str, limit: int | None = None) -> list[str]:
     """Captions (and QA questions and answers) of the training shards, for training a tokenizer."""
     texts: list[str] = []
-    for kind, spec, index, _ in _sources(cfg, task, "train"):
+    for kind, spec, index, _ in task_sources(cfg, task, "train"):
         shardset = resolve(spec, f"data.train.{kind}", index)
         ids = np.arange(len(shardset) if limit is None else min(limit, len(shardset)))
 

@@ -31,6 +31,7 @@ from alpro.data.sampling import sample_frames
 from alpro.data.shards import IMAGE_EXTS, VIDEO_EXTS, Reader, SampleError
 from alpro.data.text import encode, mask_tokens
 from alpro.data.transforms import ClipParams, ClipTransform, ImageParams, ImageTransform
+from alpro.errors import AlproError
 
 # ------------------------------------------------------------------------------------------------ metadata
 
@@ -136,6 +137,9 @@ class ItemLoader:
         self._reader: Reader | None = None
         self._pid = -1
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_reader": None}  # open files stay with the process that opened them
+
     @property
     def reader(self) -> Reader:
         """One reader (open file handles) per process: DataLoader workers must not share descriptors' offsets."""
@@ -144,10 +148,16 @@ class ItemLoader:
         return self._reader
 
     def prepare(self, source: int, epoch: int, item: int) -> Prepared:
+        """Read item ``item`` of a source from its shard and prepare it."""
         table = self.tables[source]
         sample, sub = int(table.sample[item]), int(table.sub[item])
         shard, j = table.shardset.locate(sample)
         key, members = self.reader.sample(shard, j)
+        return self.prepare_members(key, members, source, epoch, sample, sub, int(shard.num_frames[j]))
+
+    def prepare_members(self, key: str, members: dict[str, bytes], source: int, epoch: int, sample: int, sub: int,
+                        indexed_frames: int = -1) -> Prepared:
+        """Prepare a sample already in memory; ``indexed_frames`` is the index's frame count (-1 unknown)."""
         meta = read_meta(members)
         media, _, data = media_member(members)
         if len(data) == 0:
@@ -159,8 +169,8 @@ class ItemLoader:
             vmeta = meta_from_json(meta)
             if vmeta is None:  # foreign sample: probe packets once (no decoding)
                 vmeta, out.probed = probe(data), True
-            elif int(shard.num_frames[j]) >= 0 and int(shard.num_frames[j]) != vmeta.num_frames:
-                raise SampleError("bad_metadata", f"index says {shard.num_frames[j]} frames, json {vmeta.num_frames}")
+            elif indexed_frames >= 0 and indexed_frames != vmeta.num_frames:
+                raise SampleError("bad_metadata", f"index says {indexed_frames} frames, json {vmeta.num_frames}")
             out.vmeta = vmeta
             out.frames = sample_frames(self.sampling, vmeta.num_frames, self.num_frames, draw(FRAMES))
             out.clip = self.clip_tf.draw(draw(AUGMENT))
@@ -178,7 +188,7 @@ class ItemLoader:
             pairs = qa_of(meta)
             if not pairs or sub >= len(pairs):
                 raise SampleError("missing_text", "no question for this item")
-            pair = pairs[max(sub, 0)]
+            pair = pairs[sub if sub >= 0 else (int(g.integers(len(pairs))) if self.train else 0)]
             out.text = str(pair["question"]).strip()
             out.all_texts = [out.text]
             out.answer = str(pair.get("answer", "")).strip()
@@ -232,7 +242,7 @@ class BatchBuilder:
         self.mlm = items.train and items.task == "pretrain"
 
     def prepare_task(self, task: Task, stats: BatchStats) -> tuple[list[Prepared | None], list[int]]:
-        """Prepared items of a task (None = padding) and the fallback cursor each used (for replacements)."""
+        """Prepared items of a task (None = padding or an evaluation clip that failed) and the fallbacks left."""
         fallbacks = list(task.fallbacks)
         out: list[Prepared | None] = []
         for item in task.items:
@@ -240,6 +250,11 @@ class BatchBuilder:
         return out, fallbacks
 
     def with_replacement(self, task: Task, item: int, fallbacks: list[int], stats: BatchStats, render: bool):
+        """Prepare (and render) ``item``; on failure count the reason and try the task's next fallback.
+
+        Training batches stay full: the replacement is the next item of the plan, so it is the same in every
+        run. Evaluation never substitutes a clip (that would count one clip twice): the slot becomes padding
+        (None, ``valid`` False) and the skip is counted."""
         candidate = item
         while True:
             try:
@@ -249,10 +264,12 @@ class BatchBuilder:
                 return prepared, self.render_timed(prepared, stats)
             except SampleError as e:
                 stats.skips[e.reason] += 1
+                if not self.items.train:
+                    return None
                 if not fallbacks:
-                    raise SampleError("too_many_bad_samples",
-                                      f"{self.items.cfg.max_replacements} replacements failed in a row "
-                                      f"(last: {e})") from None
+                    raise AlproError(f"{self.items.cfg.max_replacements} samples in a row failed near item "
+                                     f"{item} of {self.kinds[task.source]} epoch {task.epoch} (last: {e}); "
+                                     "the shards look broken") from None
                 candidate = fallbacks.pop(0)
 
     def render_timed(self, prepared: Prepared, stats: BatchStats) -> Rendered:
@@ -273,9 +290,9 @@ class BatchBuilder:
                 prepared.append(None)
                 pixels.append(None)
                 continue
-            p, r = self.with_replacement(task, item, fallbacks, stats, render=True)
+            p, r = self.with_replacement(task, item, fallbacks, stats, render=True) or (None, None)
             prepared.append(p)
-            pixels.append(r.pixels)
+            pixels.append(None if r is None else r.pixels)
         return self.assemble(task, prepared, pixels, stats), stats
 
     def assemble(self, task: Task, prepared: list[Prepared | None], pixels: list[torch.Tensor | None],

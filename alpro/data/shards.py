@@ -174,8 +174,10 @@ def resolve(spec: str | list[str], name: str, index: str | None = None) -> Shard
             urls.extend(_shard_from_entry(e, _dirname(path)).url for e in data["shards"])
         else:
             expanded = _expand(s)
-            if not expanded:
-                raise AlproError(f"{name}: no shard matches {s!r}")
+            missing = [u for u in expanded if not _is_url(u) and not os.path.isfile(u)]
+            if not expanded or missing:
+                raise AlproError(f"{name}: no shard matches {s!r}" + (f" ({missing[0]} does not exist)"
+                                                                     if missing else ""))
             urls.extend(expanded)
     if not urls:
         raise AlproError(f"{name}: no shards found in {specs}")

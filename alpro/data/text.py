@@ -8,6 +8,7 @@ of the 24 PEM prompt templates, so prompts never tokenize to [UNK], and saves it
 from __future__ import annotations
 
 import shutil
+import string
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ IMAGE_PROMPT_TEMPLATES = [
     *(f"A good {kind} of {art} {{}}." for kind in ("photo", "picture") for art in ("the", "a", "one")),
 ]
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
 
 
 def build_tokenizer(
@@ -34,8 +36,10 @@ def build_tokenizer(
     vocab_size: int = 30522,
 ) -> BertTokenizerFast:
     """The run's tokenizer: ``tokenizer_dir`` if given (a Hugging Face directory such as bert-base-uncased),
-    else the one already saved in ``save_dir`` (a resumed run), else a WordPiece vocabulary of at most
-    ``vocab_size`` tokens trained on ``train_texts`` and saved to ``save_dir`` with ``save_pretrained``."""
+    else the one already saved in ``save_dir`` (a resumed run), else a WordPiece vocabulary of about
+    ``vocab_size`` tokens trained on ``train_texts`` and saved to ``save_dir`` with ``save_pretrained``. The
+    trained vocabulary also holds every ASCII letter, digit and punctuation mark (alone and as a ``##``
+    continuation), so unseen ASCII words split into pieces instead of becoming [UNK]."""
     if tokenizer_dir is not None:
         return _load(Path(tokenizer_dir))
     if save_dir is not None and _is_tokenizer_dir(Path(save_dir)):
@@ -51,7 +55,11 @@ def build_tokenizer(
     prompt_words = [t.format("") for t in VIDEO_PROMPT_TEMPLATES + IMAGE_PROMPT_TEMPLATES]
     wordpiece.train_from_iterator(texts + prompt_words, vocab_size=vocab_size, min_frequency=1,
                                   special_tokens=SPECIAL_TOKENS, show_progress=False)
-    tokenizer = BertTokenizerFast(vocab=wordpiece.get_vocab(), do_lower_case=True)
+    vocab = wordpiece.get_vocab()
+    for char in _ALPHABET:  # every letter, digit and punctuation mark, word-initial and inside a word
+        for piece in (char, "##" + char):
+            vocab.setdefault(piece, len(vocab))
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     if save_dir is not None:
         _save_atomic(tokenizer, Path(save_dir))
     return tokenizer

@@ -64,13 +64,13 @@ def _warp(frames: torch.Tensor, forward: np.ndarray) -> torch.Tensor:
     pixel centres at integer coordinates."""
     t, c, h, w = frames.shape
     full = np.vstack([forward, [0.0, 0.0, 1.0]])
-    inv = torch.tensor(np.linalg.inv(full)[:2], dtype=frames.dtype, device=frames.device)  # (2, 3)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=frames.dtype, device=frames.device),
-                            torch.arange(w, dtype=frames.dtype, device=frames.device), indexing="ij")
+    inv = torch.tensor(np.linalg.inv(full)[:2], dtype=torch.float64, device=frames.device)  # (2, 3)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=frames.device),
+                            torch.arange(w, dtype=torch.float64, device=frames.device), indexing="ij")
     pts = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (H, W, 3) homogeneous output pixels
-    src = pts @ inv.T  # (H, W, 2) source pixel coordinates (x, y)
+    src = pts @ inv.T  # (H, W, 2) source pixel coordinates (x, y); float64 keeps integer shifts exact
     grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
-    grid = grid.unsqueeze(0).expand(t, h, w, 2)
+    grid = grid.to(frames.dtype).unsqueeze(0).expand(t, h, w, 2)
     out = F.grid_sample(frames - _FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out + _FILL
 

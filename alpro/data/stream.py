@@ -1,0 +1,203 @@
+"""Streaming fallback for sources that cannot seek (``pipe:`` commands): whole shards, front to back.
+
+Each DataLoader worker of each rank draws shards with replacement from a generator seeded by (seed, source,
+rank, worker, draw) -- webdataset's ``resampled`` mode, which keeps every worker busy and every rank at the
+same number of batches -- streams the drawn shard through a shuffle buffer that is emptied at the end of the
+shard, and batches what comes out. Each sample is one item (a random caption or question per draw).
+
+The resume state is, per worker, the draw number and how many samples its buffer had emitted. Restoring
+re-reads (without decoding) the current shard up to that point, so the continuation is exact as long as the
+number of workers is unchanged; with another worker count the streams are different and a warning says so.
+The sample counts come from the shard set's ``index.json.zst`` (``data.<split>.video_index``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alpro.data.batch import Batch
+from alpro.data.config import DataConfig
+from alpro.data.loader import MetricsWindow, task_sources
+from alpro.data.pem import crop_video
+from alpro.data.plan import ORDER, ItemTable, Task, choose_source, rng
+from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader
+from alpro.data.shards import SampleError, ShardSet, resolve
+from alpro.errors import AlproError
+
+LOG = logging.getLogger("alpro.data")
+STATE_VERSION = 1
+
+
+def _samples(command: str, counts: BatchStats) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of a tar stream; a truncated or corrupt tail ends the shard and is counted."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        counts.skips["truncated_tar"] += 1
+        return False  # stop this shard; the next draw continues
+
+    for sample in wds.tarfile_samples([{"url": command}], handler=handler):
+        key = sample["__key__"].rsplit("/", 1)[-1]
+        yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+class _ShardStream(IterableDataset):
+    """One source's endless batch stream on this rank; each worker yields (payload, worker, draw, emitted)."""
+
+    def __init__(self, builder: BatchBuilder, source: int, shardset: ShardSet, rank: int, world: int, seed: int,
+                 batch_size: int, buffer: int, positions: dict[int, list[int]]):
+        self.builder, self.source, self.shardset = builder, source, shardset
+        self.rank, self.world, self.seed, self.batch_size, self.buffer = rank, world, seed, batch_size, buffer
+        self.positions = positions
+
+    def _draw(self, worker: int, workers: int, k: int) -> int:
+        return int(rng(self.seed, self.source, ORDER, self.rank, worker, workers, k).integers(len(self.shardset.shards)))
+
+    def _emitted(self, shard: int, worker: int, workers: int, k: int, stats: BatchStats):
+        """Samples of draw k in shuffle-buffer order: (global sample id, key, members)."""
+        g = rng(self.seed, self.source, ORDER, self.rank, worker, workers, k, 1)
+        pool: list = []
+        start = int(self.shardset.starts[shard])
+        for j, (key, members) in enumerate(_samples(self.shardset.shards[shard].url, stats)):
+            pool.append((start + j, key, members))
+            if len(pool) >= self.buffer:
+                yield pool.pop(int(g.integers(len(pool))))
+        while pool:
+            yield pool.pop(int(g.integers(len(pool))))
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        k, skip = self.positions.get(worker, [0, 0])
+        items = self.builder.items
+        stats, prepared, pixels, count = BatchStats(), [], [], 0
+        while True:
+            shard = self._draw(worker, workers, k)
+            epoch = k * self.world * workers + self.rank * workers + worker  # unique per (draw, rank, worker)
+            for emitted, (sample, key, members) in enumerate(self._emitted(shard, worker, workers, k, stats), 1):
+                if emitted <= skip:
+                    continue  # restoring: replay the buffer without decoding
+                try:
+                    p = items.prepare_members(key, members, self.source, epoch, sample, -1)
+                    pixels.append(self.builder.render_timed(p, stats).pixels)
+                    prepared.append(p)
+                except SampleError as e:
+                    stats.skips[e.reason] += 1
+                    continue
+                if len(prepared) == self.batch_size:
+                    task = Task(step=count, source=self.source, epoch=worker, batch=count, items=())
+                    batch = self.builder.assemble(task, prepared, pixels, stats)
+                    yield batch, stats, worker, [k, emitted]
+                    stats, prepared, pixels, count = BatchStats(), [], [], count + 1
+            k, skip = k + 1, 0
+
+
+def _identity(x):
+    return x
+
+
+class StreamLoader:
+    """Training loader over ``pipe:`` sources; same interface as :class:`alpro.data.loader.Loader`."""
+
+    def __init__(self, cfg: DataConfig, task: str, tokenizer, rank: int, world_size: int, seed: int,
+                 answer_vocab: dict[str, int] | None = None):
+        self.cfg, self.task, self.rank, self.world, self.seed = cfg, task, rank, world_size, seed
+        sources = task_sources(cfg, task, "train")
+        self.kinds = [kind for kind, *_ in sources]
+        self.weights = [w for *_, w in sources]
+        self.shardsets = [resolve(spec, f"data.train.{kind}", index) for kind, spec, index, _ in sources]
+        for kind, shardset in zip(self.kinds, self.shardsets):
+            if not shardset.streaming:
+                raise AlproError(f"data.train.{kind}: mix of pipe: and seekable sources across video/image")
+            if len(shardset) == 0:
+                raise AlproError(f"data.train.{kind}: pipe: sources need data.train.{kind}_index (the shard set's "
+                                 f"{'index.json.zst'}) to know how many samples they hold")
+        tables = [ItemTable.per_sample(s) for s in self.shardsets]
+        items = ItemLoader(cfg, task, "train", tables, seed, answer_vocab)
+        self.builder = BatchBuilder(items, tokenizer, self.kinds, rank)
+        self.batch_size = cfg.batch_size
+        self.batches = [len(s) // (self.batch_size * world_size) for s in self.shardsets]
+        if min(self.batches) == 0:
+            raise AlproError("data.train: a pipe: source holds less than one global batch")
+        self._state = {"step": 0, "workers": cfg.num_workers, "positions": [{} for _ in self.kinds],
+                       "delivered": [0 for _ in self.kinds]}
+        self._window = MetricsWindow()
+        self._skips: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return sum(self.batches)
+
+    def state_dict(self) -> dict:
+        positions = [{str(w): list(p) for w, p in pos.items()} for pos in self._state["positions"]]
+        return {"version": STATE_VERSION, "mode": "stream", "task": self.task, "seed": self.seed,
+                "world_size": self.world, "batch_size": self.batch_size, "kinds": list(self.kinds),
+                "step": self._state["step"], "workers": self._state["workers"], "positions": positions,
+                "delivered": list(self._state["delivered"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or state.get("mode") != "stream":
+            raise AlproError("loader state is not a streaming-loader state (were the sources changed?)")
+        for key, mine in (("seed", self.seed), ("world_size", self.world), ("batch_size", self.batch_size),
+                          ("kinds", list(self.kinds))):
+            if state.get(key) != mine:
+                raise AlproError(f"loader state was saved with {key}={state.get(key)!r}, now {mine!r}")
+        positions = [{int(w): list(p) for w, p in pos.items()} for pos in state["positions"]]
+        delivered = list(state["delivered"])
+        if state["workers"] != self.cfg.num_workers:
+            LOG.warning(f"streaming loader resumed with {self.cfg.num_workers} workers instead of "
+                        f"{state['workers']}: the sample sequence differs from the uninterrupted run")
+            positions, delivered = [{} for _ in self.kinds], [0 for _ in self.kinds]
+        self._state = {"step": int(state["step"]), "workers": self.cfg.num_workers, "positions": positions,
+                       "delivered": delivered}
+
+    def _stream(self, source: int) -> Iterator:
+        dataset = _ShardStream(self.builder, source, self.shardsets[source], self.rank, self.world, self.seed,
+                               self.batch_size, self.cfg.stream_buffer, self._state["positions"][source])
+        workers = self.cfg.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+        return iter(loader)
+
+    def _next(self, source: int, streams: dict, stash: dict):
+        """The source's next batch in worker round-robin order, continuing the order of the run that saved the
+        state (a fresh DataLoader iterator always starts at worker 0; batches of other workers wait)."""
+        expected = self._state["delivered"][source] % max(self.cfg.num_workers, 1)
+        while (source, expected) not in stash:
+            if source not in streams:
+                streams[source] = self._stream(source)
+            batch, stats, worker, position = next(streams[source])
+            stash[(source, worker)] = (batch, stats, position)
+        return stash.pop((source, expected)) + (expected,)
+
+    def __iter__(self) -> Iterator[Batch]:
+        length = len(self)
+        stop = None if self.cfg.resampled else (self._state["step"] // length + 1) * length
+        streams: dict[int, Iterator] = {}
+        stash: dict = {}
+        self._window.start_if_idle()
+        while stop is None or self._state["step"] < stop:
+            source = choose_source(self.seed, self._state["step"], self.weights)
+            t0 = time.perf_counter()
+            batch, stats, position, worker = self._next(source, streams, stash)
+            if batch.pem_box is not None:
+                batch.crop_video = crop_video(batch.video, batch.pem_box)
+            self._window.add(stats, time.perf_counter() - t0)
+            for reason, n in stats.skips.items():
+                self._skips[reason] = self._skips.get(reason, 0) + n
+            self._state["step"] += 1
+            self._state["delivered"][source] += 1
+            self._state["positions"][source][worker] = position
+            yield batch
+
+    def plan(self, steps: int | None = None):
+        raise AlproError("plan() needs seekable shards; pipe: sources are only known by streaming them")
+
+    def metrics(self) -> dict[str, float]:
+        out = self._window.report()
+        out["skipped"] = float(sum(self._skips.values()))
+        out.update({f"skipped/{r}": float(n) for r, n in sorted(self._skips.items())})
+        return out
