@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import zstandard
-from alpro.sharding.writer import atomic_write, json_bytes
 
 from alpro.errors import AlproError
+from alpro.sharding.writer import atomic_write, json_bytes
 
 __all__ = [
     "INDEX_NAME",

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-from alpro.sharding._cli import OneLineParser
 
 from alpro.errors import AlproError
+from alpro.sharding._cli import OneLineParser
 
 __all__ = ["resolve_shards", "inspect_shards", "extract_sample", "format_report", "main"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import av
 from av.video.frame import PictureType
 from av.video.reformatter import Interpolation
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "REJECT_REASONS",
@@ -127,13 +127,15 @@ def sniff_container(data: bytes) -> bool:
     return any(data[off : off + len(sig)] == sig for off, sig in _MAGIC)
 
 
-def _open_error(data: bytes, err: Exception) -> Reject:
+def _open_error(data: bytes, err: Exception | str) -> Reject:
     reason = "unreadable" if sniff_container(data) else "not_media"
-    return Reject(reason, _one_line(err))
+    return Reject(reason, f"cannot open: {_one_line(err) if isinstance(err, Exception) else err}")
 
 
 def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())[:300]
+    # FFmpeg errors read "[Errno N] Invalid data found when processing input: '<none>'": keep the useful part.
+    text = err.strerror if isinstance(err, av.FFmpegError) and err.strerror else str(err)
+    return " ".join(text.split())[:300]
 
 
 def _check_dims(width: int, height: int, limits: MediaLimits) -> None:
@@ -205,10 +207,13 @@ def _decoded_frames(container: av.container.InputContainer) -> Iterator[av.Video
     """Frames of the first video stream in display order; a decode failure mid-stream is a ``decode_error``."""
     stream = container.streams.video[0]
     stream.codec_context.thread_count = 1  # one clip per worker process; threads would only oversubscribe
+    count = 0
     try:
-        yield from container.decode(stream)
+        for frame in container.decode(stream):
+            count += 1
+            yield frame
     except (av.FFmpegError, ValueError) as e:
-        raise Reject("decode_error", _one_line(e)) from None
+        raise Reject("decode_error", f"after {count} frame(s): {_one_line(e)}") from None
 
 
 # BITEXACT + ACCURATE_RND: swscale's SIMD and C paths (chosen by CPU and buffer alignment) may otherwise round
@@ -420,6 +425,8 @@ def encode_image(data: bytes, short_side: int, quality: int, limits: MediaLimits
         raise
     except Image.DecompressionBombError as e:
         raise Reject("bad_dimensions", _one_line(e)) from None
+    except UnidentifiedImageError:
+        raise _open_error(data, "not an image format PIL knows") from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for damaged files
         raise _open_error(data, e) from None
     scale = min(1.0, short_side / min(rgb.size))

@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from tqdm import tqdm
+
+from alpro.config import ConfigError, from_dict, to_dict
+from alpro.errors import AlproError
 from alpro.sharding._cli import OneLineParser
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
 from alpro.sharding.manifest import FORMATS, Manifest, ManifestRow, read_manifest, sanitize_key, select_rows
@@ -47,10 +51,6 @@ from alpro.sharding.media import (
     transcode_video,
 )
 from alpro.sharding.writer import ShardWriter, json_bytes, shard_is_complete
-from tqdm import tqdm
-
-from alpro.config import ConfigError, from_dict, to_dict
-from alpro.errors import AlproError
 
 __all__ = ["ShardOptions", "ShardSummary", "shard_manifest", "main"]
 
@@ -253,11 +253,11 @@ def _read_source(path: str, max_bytes: int) -> bytes:
     try:
         size = p.stat().st_size
     except (FileNotFoundError, NotADirectoryError):
-        raise Reject("missing", path) from None
+        raise Reject("missing", "no such file") from None
     if not p.is_file():
-        raise Reject("missing", f"not a regular file: {path}")
+        raise Reject("missing", "not a regular file")
     if size == 0:
-        raise Reject("empty_file", path)
+        raise Reject("empty_file", "0 bytes")
     if size > max_bytes:
         raise Reject("too_large", f"{size} bytes > {max_bytes}")
     return p.read_bytes()

@@ -82,6 +82,7 @@ def make_video(
     rotation: int | None = None,
     vfr: bool = False,
     seed: int = 0,
+    faststart: bool = False,
 ) -> Path:
     """Encode a clip of ``round(seconds * fps)`` frames and return its path.
 
@@ -90,7 +91,8 @@ def make_video(
     exactly the kind of source the sharder must make even. ``rotation`` writes a display matrix (counter-
     clockwise degrees). ``vfr`` spaces frames irregularly (alternating 1x and 2x the nominal interval) in a
     1/1000 time base, so the stream has no constant frame rate. ``audio`` adds a mono AAC (or Opus for .webm)
-    sine track of the same length.
+    sine track of the same length. ``faststart`` puts the ``moov`` index before the frames (as web servers do),
+    so a truncated copy still opens and only its tail is missing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,8 @@ def make_video(
     codec_name, options = _encoder_options(codec, gop, bframes)
     odd = width % 2 or height % 2
     pix_fmt = "yuv444p" if (odd and codec == "h264") else "yuv420p"
-    with av.open(str(path), mode="w") as container:
+    container_options = {"movflags": "+faststart"} if faststart else {}
+    with av.open(str(path), mode="w", options=container_options) as container:
         stream = container.add_stream(codec_name, rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
         stream.codec_context.gop_size = gop
@@ -163,7 +166,8 @@ def make_zero_byte(path: str | Path) -> Path:
 
 
 def make_truncated(path: str | Path, *, fraction: float = 0.5, **video_kwargs: object) -> Path:
-    """A good clip cut to its first ``fraction`` of bytes (an interrupted download: ``moov`` is lost)."""
+    """A good clip cut to its first ``fraction`` of bytes (an interrupted download). By default ``moov`` is at the
+    end and is lost (the file does not open); with ``faststart=True`` it opens and the last frames are missing."""
     path = Path(path)
     make_video(path, **video_kwargs)  # type: ignore[arg-type]
     data = path.read_bytes()

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from alpro.sharding.manifest import read_manifest, sanitize_key, select_rows
 
 from alpro.errors import AlproError
+from alpro.sharding.manifest import read_manifest, sanitize_key, select_rows
 
 
 def _write(path: Path, text: str | bytes) -> Path:

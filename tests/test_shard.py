@@ -16,12 +16,12 @@ import media_factory as mf
 import numpy as np
 import pytest
 import webdataset as wds
-from alpro.sharding import writer as writer_mod
-from alpro.sharding.index import read_index
-from alpro.sharding.shard import main, shard_manifest
 from PIL import Image
 
 from alpro.errors import AlproError
+from alpro.sharding import writer as writer_mod
+from alpro.sharding.index import read_index
+from alpro.sharding.shard import main, shard_manifest
 
 FAST = {"progress": False}
 
