@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +74,25 @@ class LoadReport:
         return "\n".join(lines)
 
 
+def _group(key: str) -> str:
+    """'prompter.video_encoder.blocks.3.attn.qkv.weight' -> 'prompter.video_encoder.*', 'pem_head.0.bias' ->
+    'pem_head.*': at most two module names, stopping at a layer index."""
+    path: list[str] = []
+    for part in key.split(".")[:-1]:
+        if part.isdigit() or len(path) == 2:
+            break
+        path.append(part)
+    return ".".join(path) + ".*" if path else key
+
+
 def _summarise(keys: list[str], limit: int = 8) -> str:
-    """Group keys by their module prefix so a report of 300 keys stays one readable line."""
-    groups = Counter(re.sub(r"\.\d+\..*$|\.(weight|bias)$", ".*", k) for k in keys)
-    parts = [f"{g} ({n})" if n > 1 else g for g, n in groups.most_common(limit)]
-    return ", ".join(parts) + (f", ... {len(groups) - limit} more groups" if len(groups) > limit else "")
+    """One readable line for a report of hundreds of keys: groups with counts, single keys in full."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(_group(key), []).append(key)
+    ranked = sorted(groups.items(), key=lambda g: -len(g[1]))
+    shown = [f"{g} ({len(ks)})" if len(ks) > 1 else ks[0] for g, ks in ranked[:limit]]
+    return ", ".join(shown) + (f", ... {len(groups) - limit} more groups" if len(groups) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------------- reading

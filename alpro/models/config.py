@@ -8,7 +8,6 @@ plain field so a YAML ``model:`` section (or ``--model.vision.depth 4``) can ove
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -137,10 +136,7 @@ class ModelConfig:
         """A fresh copy of a named preset (see :data:`PRESETS`)."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return dataclasses.replace(PRESETS[name]())
-
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
+        return PRESETS[name]()
 
 
 def _alpro_base() -> ModelConfig:
@@ -148,7 +144,8 @@ def _alpro_base() -> ModelConfig:
 
 
 def _tiny() -> ModelConfig:
-    """CPU demo size: 64 px frames, 4x4 patches, 4 + 6 layers of width 128 (~4M parameters)."""
+    """CPU demo size: 64 px frames, 4x4 patches, 4 + 6 layers of width 128 (2.5M parameters + 128 per
+    vocabulary entry)."""
     return ModelConfig(
         vision=VisionConfig(image_size=64, patch_size=16, width=128, depth=4, num_heads=4),
         text=TextConfig(hidden_size=128, num_layers=6, fusion_layer=3, num_heads=4, intermediate_size=512,
