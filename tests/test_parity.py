@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from alpro.kernels import get_attention_backend, set_attention_backend
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from alpro.data.batch import Batch
+from alpro.kernels import get_attention_backend, set_attention_backend
 from alpro.models import ModelConfig, TextConfig, VisionConfig, build_model, load_checkpoint
 from alpro.models.evaluation import RetrievalEmbeddings, scores_lavis, scores_original, vtm_pair_logits
 

@@ -211,7 +211,7 @@ class ALPRO(nn.Module):
             texts.append(self.encode_text(batch.mlm_input_ids, mask))
             masks.append(mask)
             videos.append(video_embeds)
-        if len(texts) > 1 or self.use_pem:
+        if self.use_vtm or self.use_mlm or self.use_pem:
             fused = self.fuse(torch.cat(texts), torch.cat(masks), torch.cat(videos)).split(B)  # k x (B, L+1+P, D)
         if self.use_vtm:
             logits = self.vtm_head(torch.cat([f[:, 0] for f in fused[:3]])).float()  # (3B, 2): B pos., 2B neg.
