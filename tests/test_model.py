@@ -142,6 +142,52 @@ def test_text_and_fusion_shapes():
         model.encode_text(torch.zeros(1, 65, dtype=torch.long), torch.ones(1, 65, dtype=torch.long))
 
 
+def original_block_forward(blk, x: torch.Tensor, T: int, p: float) -> torch.Tensor:
+    """TimeSformer's ``Block.forward`` (divided space-time), translated literally: per-group tensors, the CLS
+    copied into every frame, and timm's DropPath drawing its mask over dim 0 of what it is given."""
+    def drop_path(t):
+        mask = t.new_empty((t.shape[0],) + (1,) * (t.ndim - 1)).bernoulli_(1 - p).div_(1 - p)
+        return t * mask
+
+    def attention(mod, t):
+        G, N, C = t.shape
+        q, k, v = mod.qkv(t).reshape(G, N, 3, blk.num_heads, C // blk.num_heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (C // blk.num_heads) ** -0.5).softmax(-1)
+        return mod.proj((a @ v).transpose(1, 2).reshape(G, N, C))
+
+    B, L, C = x.shape
+    N = (L - 1) // T
+    xt = x[:, 1:].reshape(B * N, T, C)  # 'b (h w t) m -> (b h w) t m'
+    res = blk.temporal_fc(drop_path(attention(blk.temporal_attn, blk.temporal_norm1(xt))).reshape(B, N * T, C))
+    xt = x[:, 1:] + res
+    cls = x[:, :1]
+    xs = xt.reshape(B, N, T, C).transpose(1, 2).reshape(B * T, N, C)  # 'b (h w t) m -> (b t) (h w) m'
+    xs = torch.cat([cls.repeat(1, T, 1).reshape(B * T, 1, C), xs], 1)
+    res = drop_path(attention(blk.attn, blk.norm1(xs)))  # (B*T, 1+N, C)
+    cls_res = res[:, 0].reshape(B, T, C).mean(1, keepdim=True)
+    patch_res = res[:, 1:].reshape(B, T, N, C).transpose(1, 2).reshape(B, N * T, C)
+    x = torch.cat([cls, xt], 1) + torch.cat([cls_res, patch_res], 1)
+    return x + drop_path(blk.mlp(blk.norm2(x)))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_block_matches_timesformer_including_drop_path_masks(training):
+    """Same seed -> same Bernoulli draws: equality in train mode shows the masks are drawn per (b, location) in
+    the temporal branch, per (b, frame) in the spatial branch and per clip after the MLP."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.preset("debug"), "retrieval", vocab_size=VOCAB)
+    blk = model.video_encoder.blocks[1]
+    torch.nn.init.normal_(blk.temporal_fc.weight, std=0.1)
+    blk.drop_path = 0.4
+    blk.train(training)
+    x = torch.randn(3, 1 + 4 * 5, 64)  # B=3, N=4 locations, T=5 frames
+    torch.manual_seed(1)
+    ours = blk(x, 5)
+    torch.manual_seed(1)
+    reference = original_block_forward(blk, x, 5, 0.4 if training else 0.0)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------- gradients
 
 
