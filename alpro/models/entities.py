@@ -42,7 +42,8 @@ FUNCTION_WORDS = DETERMINERS | frozenset(
     "here then also very too just".split()
 )
 ADJECTIVES = frozenset(
-    "red green blue yellow orange purple pink brown black white gray grey golden silver dark light bright "
+    "red green blue yellow orange purple pink brown black white gray grey golden silver dark light bright cyan "
+    "magenta violet beige teal turquoise navy maroon crimson "
     "big small large little tiny huge long short tall high low wide narrow thick thin old young new "
     "good bad great beautiful pretty happy sad cute funny nice fat slow fast quick hot cold warm cool wet dry "
     "empty full open closed clean dirty heavy soft hard round square flat front back top bottom left right "
