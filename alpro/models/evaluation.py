@@ -66,9 +66,9 @@ def vtm_pair_logits(model: ALPRO, emb: RetrievalEmbeddings, text_idx: torch.Tens
     device = next(model.parameters()).device
     out = []
     for t, v in zip(text_idx.split(batch_size), video_idx.split(batch_size)):
-        t_cpu, v_cpu = t.to(emb.text_embeds.device), v.to(emb.video_embeds.device)
-        out.append(model.vtm_logits(emb.text_embeds[t_cpu].to(device), emb.text_mask[t_cpu].to(device),
-                                    emb.video_embeds[v_cpu].to(device)).float())
+        t, v = t.to(emb.text_embeds.device), v.to(emb.video_embeds.device)  # index where the embeddings live
+        out.append(model.vtm_logits(emb.text_embeds[t].to(device), emb.text_mask[t].to(device),
+                                    emb.video_embeds[v].to(device)).float())
     return torch.cat(out) if out else torch.zeros(0, 2, device=device)
 
 
@@ -104,7 +104,6 @@ def scores_lavis(model: ALPRO, emb: RetrievalEmbeddings, k_test: int = 128, batc
     """(score_v2t (Nv, Nt), score_t2v (Nt, Nv)): VTC top-``k_test`` re-ranked by VTM logit + cosine, -100
     elsewhere -- LAVIS's protocol. ``shard`` as in :func:`scores_original` (rows of each matrix)."""
     sims = (emb.video_feat.float() @ emb.text_feat.float().t()).cpu()  # (Nv, Nt) cosine, no temperature
-    Nv, Nt = sims.shape
     v2t = _rerank(model, emb, sims, k_test, batch_size, progress, shard, video_rows=True)
     t2v = _rerank(model, emb, sims.t(), k_test, batch_size, progress, shard, video_rows=False)
     return v2t, t2v
