@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,8 @@ class CheckpointManager:
         barrier()
         engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
         tmp = self.dir / tmp_tag
+        if os.environ.get("ALPRO_FAULT_KILL_IN_SAVE") == str(step):  # tests: die between write and rename
+            os.kill(os.getpid(), signal.SIGKILL)
         _write_json(tmp / f"rank_{rank:05d}.json", {"rank": rank, **rank_state})
         barrier()
         if rank == 0:
