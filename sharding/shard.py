@@ -29,6 +29,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -338,19 +339,16 @@ def _results(items: list[_Item], pool: ProcessPoolExecutor | None, window: int) 
 class _Partition:
     """The ordered writer of one node's rows: assigns samples and rejects to shards, rolls shards."""
 
-    def __init__(self, out_dir: Path, stem: str, opts: ShardOptions, seq: int, seen: dict[str, str]) -> None:
-        self.out_dir, self.stem_prefix, self.opts = out_dir, stem, opts
-        self.seq, self.seen = seq, seen
+    def __init__(self, out_dir: Path, prefix: str, opts: ShardOptions, done: list[dict[str, Any]], start_row: int):
+        self.out_dir, self.prefix, self.opts = out_dir, prefix, opts
+        self.seq, self.start_row = len(done), start_row
+        self.seen = {sha: key for stats in reversed(done) for sha, key in zip(stats["sha256"], stats["keys"])}
         self.writer: ShardWriter | None = None
-        self.start_row = 0
         self.rejects: list[dict[str, Any]] = []  # rejects waiting for the shard that will own them
         self.info: dict[str, Any] = {}
         self.finished: list[dict[str, Any]] = []
 
-    def stem(self, seq: int) -> str:
-        return f"{self.stem_prefix}-{seq:06d}"
-
-    def feed(self, res: _Result, row_index: int) -> None:
+    def feed(self, res: _Result) -> None:
         reject = res.reject
         if reject is None and not self.opts.keep_duplicates and res.sha256 in self.seen:
             reject = ("duplicate", f"same bytes as key {self.seen[res.sha256]}")
@@ -361,9 +359,9 @@ class _Partition:
         assert res.sha256 is not None
         self.seen.setdefault(res.sha256, res.key)
         if self.writer is not None and self._full(res.members):
-            self._finish(end_row=row_index)
+            self._finish(end_row=res.index)
         if self.writer is None:
-            self._open(row_index)
+            self._open()
         assert self.writer is not None
         rec = self.writer.add(res.key, res.members)
         info = self.info
@@ -388,9 +386,9 @@ class _Partition:
         final = -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE  # tar files are padded to whole records
         return final > self.opts.shard_bytes
 
-    def _open(self, row_index: int) -> None:
+    def _open(self) -> None:
         # Rejects seen before this shard's first sample belong to it, so its rows start where the last one ended.
-        self.writer = ShardWriter(self.out_dir, self.stem(self.seq))
+        self.writer = ShardWriter(self.out_dir, _stem(self.prefix, self.seq))
         self.info = {"keys": [], "media": [], "num_frames": [], "offsets": [], "sizes": [], "sha256": [],
                      "duration": 0.0, "captions_dropped": 0, "t0": time.perf_counter()}
 
@@ -455,24 +453,28 @@ def _prepare_items(rows: list[ManifestRow]) -> list[_Item]:
     return items
 
 
-def _resume(out_dir: Path, part: _Partition, lo: int) -> tuple[list[dict[str, Any]], int]:
+def _stem(prefix: str, seq: int) -> str:
+    return f"{prefix}-{seq:06d}"
+
+
+def _resume(out_dir: Path, prefix: str, lo: int) -> tuple[list[dict[str, Any]], int]:
     """The complete shards at the start of this partition (contiguous, each starting where the last ended)."""
     done: list[dict[str, Any]] = []
     row = lo
-    while (stats := shard_is_complete(out_dir, part.stem(len(done)))) is not None and stats["rows"][0] == row:
+    while (stats := shard_is_complete(out_dir, _stem(prefix, len(done)))) is not None and stats["rows"][0] == row:
         done.append(stats)
         row = stats["rows"][1]
     return done, row
 
 
-def _remove_stale(out_dir: Path, part: _Partition, keep: int) -> None:
+def _remove_stale(out_dir: Path, prefix: str, keep: int) -> None:
     """Delete temporaries and shards numbered past the end of this partition (left by an older run)."""
-    for tmp in out_dir.glob(f".{part.stem_prefix}-*.tmp"):
+    for tmp in out_dir.glob(f".{prefix}-*.tmp"):
         tmp.unlink(missing_ok=True)
     seq = keep
-    while any((out_dir / f"{part.stem(seq)}{suffix}").exists() for suffix in (".tar", ".idx", "_stats.json")):
+    while any((out_dir / f"{_stem(prefix, seq)}{suffix}").exists() for suffix in (".tar", ".idx", "_stats.json")):
         for suffix in ("_stats.json", ".idx", ".tar"):
-            (out_dir / f"{part.stem(seq)}{suffix}").unlink(missing_ok=True)
+            (out_dir / f"{_stem(prefix, seq)}{suffix}").unlink(missing_ok=True)
         seq += 1
 
 
@@ -510,13 +512,10 @@ def shard_manifest(
     items = _prepare_items(rows)
     lo = len(items) * opts.node_rank // opts.num_nodes
     hi = len(items) * (opts.node_rank + 1) // opts.num_nodes
-    part = _Partition(out_dir, _stem_prefix(opts), opts, seq=0, seen={})
-    done, resume_row = _resume(out_dir, part, lo)
-    part.seq, part.start_row = len(done), resume_row
-    for stats in done:
-        for sha, key in zip(stats["sha256"], stats["keys"]):
-            part.seen.setdefault(sha, key)
-    _remove_stale(out_dir, part, keep=len(done))
+    prefix = _stem_prefix(opts)
+    done, resume_row = _resume(out_dir, prefix, lo)
+    _remove_stale(out_dir, prefix, keep=len(done))
+    part = _Partition(out_dir, prefix, opts, done, resume_row)
 
     todo = items[resume_row:hi]
     orphans: list[dict[str, Any]] = []
@@ -532,11 +531,15 @@ def shard_manifest(
     try:
         n_rejects = 0
         for res in _results(todo, pool, window=4 * opts.workers):
-            part.feed(res, res.index)
+            part.feed(res)
             n_rejects += res.reject is not None
             bar.update(1)
             bar.set_postfix(rejects=n_rejects, shards=part.seq, refresh=False)
         orphans = part.close(end_row=hi)
+    except BrokenProcessPool:
+        part.abort()
+        raise AlproError(f"a worker process died (an FFmpeg crash or out of memory) near manifest row "
+                         f"{items[part.start_row].row.line}; completed shards are kept, rerun to resume") from None
     except BaseException:
         part.abort()
         raise
@@ -544,7 +547,7 @@ def shard_manifest(
         bar.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    _remove_stale(out_dir, part, keep=part.seq)
+    _remove_stale(out_dir, prefix, keep=part.seq)
 
     shards = done + part.finished
     part_record = {"build": build, "rank": opts.node_rank, "num_nodes": opts.num_nodes, "rows": [lo, hi],
@@ -588,40 +591,42 @@ def _parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("inputs")
     g.add_argument("--format", choices=FORMATS, help="manifest format (default: from the extension)")
     g.add_argument("--media-root", type=Path, help="directory relative media paths resolve against")
-    g.add_argument("--video-ext", default=d.video_ext, help="extension added to clip names without one")
+    g.add_argument("--video-ext", default=d.video_ext, help="extension added to clip names without one (default: %(default)s)")
     g.add_argument("--qa", type=Path, action="append", default=[], help="QA JSONL attached to clips as extra.qa")
     g.add_argument("--split", help="keep only rows whose split equals SPLIT")
-    g.add_argument("--media", choices=("video", "image", "all"), default=d.media, help="keep only this media kind")
+    g.add_argument("--media", choices=("video", "image", "all"), default=d.media, help="keep only this media kind (default: %(default)s)")
     g.add_argument("--limit", type=int, help="keep only the first LIMIT rows (after filters)")
     g = p.add_argument_group("output")
-    g.add_argument("--name", default=d.name, help="shard file prefix")
-    g.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard")
-    g.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="max bytes per shard (0: no limit)")
+    g.add_argument("--name", default=d.name, help="shard file prefix (default: %(default)s)")
+    g.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default: %(default)s)")
+    g.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="max bytes per shard (0: no limit) (default: %(default)s)")
     g = p.add_argument_group("video and images")
-    g.add_argument("--codec", choices=("h264", "vp9"), default=d.codec, help="h264: NVDEC/PyAV; vp9: DALI on CPU")
+    g.add_argument("--codec", choices=("h264", "vp9"), default=d.codec, help="h264: NVDEC/PyAV; vp9: DALI on CPU (default: %(default)s)")
     g.add_argument("--copy", action="store_true", help="store CFR mp4 sources as they are (probed + validated)")
-    g.add_argument("--gop", type=int, default=d.gop, help="keyframe every GOP frames")
+    g.add_argument("--gop", type=int, default=d.gop, help="keyframe every GOP frames (default: %(default)s)")
     g.add_argument("--fps", type=float, help="target frame rate (never above the source's)")
     g.add_argument("--fps-scale", type=float, help="frame rate = source fps x SCALE (ALPRO used 0.1)")
-    g.add_argument("--short-side", type=int, default=d.short_side, help="resize short side to at most this")
+    g.add_argument("--short-side", type=int, default=d.short_side, help="resize short side to at most this (default: %(default)s)")
     g.add_argument("--crf", type=int, help="quality (default: 23 for h264, 32 for vp9)")
-    g.add_argument("--preset", default=d.preset, help="x264 preset")
+    g.add_argument("--preset", default=d.preset, help="x264 preset (default: %(default)s)")
     g.add_argument("--max-duration", type=float, help="keep at most this many seconds of each clip")
-    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images")
+    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images (default: %(default)s)")
     g = p.add_argument_group("checks")
     g.add_argument("--keep-duplicates", action="store_true", help="keep samples whose source bytes repeat")
-    g.add_argument("--max-source-bytes", type=int, default=d.max_source_bytes)
-    g.add_argument("--max-source-duration", type=float, default=d.max_source_duration)
-    g.add_argument("--min-side", type=int, default=d.min_side)
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels)
-    g.add_argument("--max-aspect", type=float, default=d.max_aspect)
-    g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars)
+    g.add_argument("--max-source-bytes", type=int, default=d.max_source_bytes, help="reject larger source files (default: %(default)s)")
+    g.add_argument("--max-source-duration", type=float, default=d.max_source_duration,
+                   help="reject sources longer than this (seconds) (default: %(default)s)")
+    g.add_argument("--min-side", type=int, default=d.min_side, help="reject frames with a shorter side (default: %(default)s)")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger frames (width x height) (default: %(default)s)")
+    g.add_argument("--max-aspect", type=float, default=d.max_aspect, help="reject more elongated frames (default: %(default)s)")
+    g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars,
+                   help="drop longer captions (reject the sample if none is left) (default: %(default)s)")
     g.add_argument("--max-reject-ratio", type=float, default=d.max_reject_ratio,
-                   help="exit 1 if more than this fraction of inputs is rejected")
+                   help="exit 1 if more than this fraction of inputs is rejected (default: %(default)s)")
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=d.workers, help="transcode processes")
-    g.add_argument("--node-rank", type=int, default=d.node_rank, help="this node's partition (e.g. SLURM_ARRAY_TASK_ID)")
-    g.add_argument("--num-nodes", type=int, default=d.num_nodes, help="number of partitions")
+    g.add_argument("--workers", type=int, default=d.workers, help="transcode processes (default: %(default)s)")
+    g.add_argument("--node-rank", type=int, default=d.node_rank, help="this node's partition (e.g. SLURM_ARRAY_TASK_ID) (default: %(default)s)")
+    g.add_argument("--num-nodes", type=int, default=d.num_nodes, help="number of partitions (default: %(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
