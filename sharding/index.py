@@ -135,13 +135,9 @@ def merge_index(out_dir: str | Path, parts: list[dict[str, Any]] | None = None) 
             rejects.extend(stats["rejects"])
         rejects.extend(part["rejects"])
     rejects.sort(key=lambda r: r["row"])
-    seen: dict[str, str] = {}
-    cross_duplicates = 0
-    for stats in shards:  # content duplicates that landed on different nodes (each node dedups its own rows)
-        for sha, key in zip(stats["sha256"], stats["keys"]):
-            if sha in seen and not build["options"]["keep_duplicates"]:
-                cross_duplicates += 1
-            seen.setdefault(sha, key)
+    # Each node dedups its own rows only, so a repeated source hash here is a duplicate across nodes.
+    hashes = [sha for stats in shards for sha in stats["sha256"]]
+    cross_duplicates = 0 if build["options"]["keep_duplicates"] else len(hashes) - len(set(hashes))
     inputs = sum(p["inputs"] for p in parts)
     index = {
         "format": "alpro-shards",

@@ -318,3 +318,35 @@ def test_cli_summary_reject_ratio_and_one_line_errors(corpus, tmp_path, capsys):
         assert err.startswith("alpro shard: error:") and msg in err and "\n" not in err
     r = subprocess.run([sys.executable, "-m", "alpro", "shard", str(m)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_webvid_csv_cc3m_tsv_and_folder_end_to_end(corpus, tmp_path):
+    webvid = tmp_path / "webvid"
+    (webvid / "000_001").mkdir(parents=True)
+    shutil.copy(corpus / "plain0.mp4", webvid / "000_001" / "1001.mp4")
+    (webvid / "results.csv").write_text('videoid,name,page_dir,duration\n1001,"a clip, quoted",000_001,PT1S\n')
+    s = shard_manifest(webvid / "results.csv", tmp_path / "o_csv", **FAST)
+    meta = json.loads(_samples(tmp_path / "o_csv" / "shard-000000.tar")["1001"]["json"])
+    assert s.written == 1 and meta["captions"] == ["a clip, quoted"] and meta["extra"] == {"page_dir": "000_001",
+                                                                                        "duration": "PT1S"}
+    (tmp_path / "cc3m.tsv").write_text(f"a photo\t{corpus / 'photo.jpg'}\n")
+    assert shard_manifest(tmp_path / "cc3m.tsv", tmp_path / "o_tsv", **FAST).written == 1
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(corpus / "plain1.mp4", folder / "x.mp4")
+    (folder / "x.txt").write_text("first\nsecond\n")
+    shutil.copy(corpus / "small.png", folder / "y.png")  # no sidecar: missing_caption
+    s = shard_manifest(folder, tmp_path / "o_dir", **FAST)
+    assert (s.written, s.rejects_by_reason) == (1, {"missing_caption": 1})
+    assert json.loads(_samples(tmp_path / "o_dir" / "shard-000000.tar")["x"]["json"])["captions"] == ["first", "second"]
+
+
+def test_cross_node_duplicates_are_counted_at_merge(corpus, tmp_path, capsys):
+    rows = [{"id": "a", "video": str(corpus / "plain0.mp4"), "caption": "x"},
+            {"id": "b", "video": str(corpus / "plain0.mp4"), "caption": "same bytes, other node"}]
+    m = _jsonl(tmp_path / "m.jsonl", rows)
+    for rank in (0, 1):
+        assert shard_manifest(m, tmp_path / "o", num_nodes=2, node_rank=rank, **FAST).written == 1
+    assert main(["--merge-index", str(tmp_path / "o")]) == 0
+    assert "1 sample(s) duplicate the bytes of a sample on another node" in capsys.readouterr().out
+    assert read_index(tmp_path / "o")["totals"]["cross_node_duplicates"] == 1
