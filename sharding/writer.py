@@ -2,15 +2,15 @@
 
 Written with :mod:`tarfile` directly rather than ``webdataset.TarWriter`` because the contract needs three
 things TarWriter does not give: GNU format (TarWriter 1.0.2 accepts a ``format`` argument but never passes it
-to ``tarfile.open``, so it writes Python's default PAX format, which DALI's reader does not support: DALI
-issue #3640), the member order of
-``docs/shard_format.md`` (TarWriter sorts extensions: json, mp4, txt, vinfo), and the byte offset of every
-member (for the DALI ``.idx`` and the dataset index) without re-reading the tar.
+to ``tarfile.open``, so it writes Python's default PAX format, which DALI's reader does not support: DALI issue
+#3640), the member order of ``docs/shard_format.md`` (TarWriter sorts extensions: json, mp4, txt, vinfo), and
+the byte offset of every member (for the DALI ``.idx`` and the dataset index) without re-reading the tar.
 
-Atomicity: everything is written under hidden temporary names (``.NAME...tmp``) in the output directory, fsynced,
-then renamed in the order tar, idx, stats. The stats file is the completion marker: a shard counts as complete only when its stats
-exist and name the tar's exact size, so a kill -9 at any moment leaves either nothing or a complete file under a
-final name, and an interrupted shard is simply rebuilt (identically) on the next run.
+Atomicity: everything is written under hidden temporary names (``.NAME...tmp``) in the output directory,
+fsynced, then renamed in the order tar, idx, stats. The stats file is the completion marker: a shard counts as
+complete only when its stats exist and name the tar's exact size, so a kill -9 at any moment leaves either
+nothing or a complete file under a final name, and an interrupted shard is simply rebuilt (identically) on the
+next run.
 """
 
 from __future__ import annotations
