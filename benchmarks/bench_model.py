@@ -6,7 +6,8 @@
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device (no memory, no data), per
 component and per clip, and reported as GMAC (= FLOPs / 2). The TimeSformer rows are cross-checked against
 KERNELS.md §1.3's analytic estimate (97.9 / 195.8 / 392.1 GMAC at T = 4 / 8 / 16). Timing is forward+backward
-of one training step of the ``debug`` and ``tiny`` presets on the CPU (median of ``--iters`` after warm-up).
+of one training step of the ``debug`` and ``tiny`` presets on the CPU (median of ``--iters`` after warm-up), for
+each ``--threads`` count.
 """
 
 from __future__ import annotations
@@ -123,16 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for bench_model.{json,csv}")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", default="1,2", help="comma-separated torch thread counts to time")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     rows = []
     for preset in ("alpro-base", "tiny", "debug"):
         rows += flop_rows(preset)
     if not args.skip_timing:
-        rows += step_time_rows("debug", batch_size=8, frames=4, iters=args.iters)
-        rows += step_time_rows("tiny", batch_size=8, frames=4, iters=args.iters)
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            rows += step_time_rows("debug", batch_size=8, frames=4, iters=args.iters)
+            rows += step_time_rows("tiny", batch_size=8, frames=4, iters=args.iters)
     stamp = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "torch": torch.__version__,
              "cpu": platform.processor() or platform.machine(), "loadavg_1m": round(os.getloadavg()[0], 2)}
     rows = [{**row, **stamp} for row in rows]
