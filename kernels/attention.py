@@ -31,6 +31,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+
 from alpro.kernels import triton_support
 
 _BACKEND = "auto"

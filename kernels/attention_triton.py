@@ -35,7 +35,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from alpro.kernels.triton_support import (
+    accumulator_dtype,
     device_guard,
     dot_precision,
     interpreting,
@@ -58,7 +60,7 @@ def _temporal_fwd_kernel(
     stride_qkv_b, stride_qkv_l, stride_o_b, stride_o_l,
     L, T, C, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows_per_tile = (BLOCK_M // T) * T  # whole groups only
     tiles = tl.cdiv(L, rows_per_tile)
@@ -91,7 +93,7 @@ def _temporal_bwd_kernel(
     stride_qkv_b, stride_qkv_l, stride_do_b, stride_do_l, stride_dqkv_b, stride_dqkv_l,
     L, T, C, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows_per_tile = (BLOCK_M // T) * T
     tiles = tl.cdiv(L, rows_per_tile)
@@ -150,7 +152,7 @@ def _spatial_fwd_kernel(
     stride_qkv_b, stride_qkv_l, stride_cls_b, stride_cls_t, stride_patch_b, stride_patch_l,
     T, S, C, H, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     m_tiles = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
@@ -169,9 +171,9 @@ def _spatial_fwd_kernel(
     q = tl.load(qkv + _frame_rows(offs_m, t, T)[:, None] * stride_qkv_l + col, mask=q_mask, other=0.0)
     q = q.to(MM_DTYPE)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for start_n in range(0, S, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
@@ -203,7 +205,7 @@ def _spatial_bwd_dq_kernel(
     stride_dcls_b, stride_dcls_t, stride_dpatch_b, stride_dpatch_l, stride_dqkv_b, stride_dqkv_l,
     T, S, C, H, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMPUTE_DQ: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    COMPUTE_DQ: tl.constexpr, MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Delta = rowsum(dO * O) for a query tile, then (if COMPUTE_DQ) its dQ over all keys."""
     m_tiles = tl.cdiv(S, BLOCK_M)
@@ -218,10 +220,10 @@ def _spatial_bwd_dq_kernel(
     col = h * HEAD_DIM + offs_d[None, :]
 
     o = _load_frame_rows(CLS_O + b * stride_cls_b, PATCH_O + b * stride_patch_b, stride_cls_t, stride_patch_l,
-                         offs_m, t, T, S, col, d_ok).to(tl.float32)  # fmt: skip
+                         offs_m, t, T, S, col, d_ok).to(ACC_DTYPE)  # fmt: skip
     do = _load_frame_rows(DCLS + b * stride_dcls_b, DPATCH + b * stride_dpatch_b, stride_dcls_t, stride_dpatch_l,
                           offs_m, t, T, S, col, d_ok)  # fmt: skip
-    delta = tl.sum(do.to(tl.float32) * o, 1)
+    delta = tl.sum(do.to(ACC_DTYPE) * o, 1)
     row_stat = (g * H + h) * S + offs_m
     tl.store(DELTA + row_stat, delta, mask=offs_m < S)
     if COMPUTE_DQ:
@@ -232,7 +234,7 @@ def _spatial_bwd_dq_kernel(
         q = q.to(MM_DTYPE)
         do = do.to(MM_DTYPE)
         lse = tl.load(LSE + row_stat, mask=offs_m < S, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
         for start_n in range(0, S, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
@@ -260,7 +262,7 @@ def _spatial_bwd_dkdv_kernel(
     stride_dqkv_b, stride_dqkv_l, stride_dq_b, stride_dq_l,
     T, S, C, H, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of a key tile over all queries; with ATOMIC_DQ also adds dQ into the fp32 DQ_ACC."""
     n_tiles = tl.cdiv(S, BLOCK_N)
@@ -280,8 +282,8 @@ def _spatial_bwd_dkdv_kernel(
     kv = qkv + _frame_rows(offs_n, t, T)[:, None] * stride_qkv_l + col
     k = tl.load(kv + C, mask=kv_mask, other=0.0).to(MM_DTYPE)
     v = tl.load(kv + 2 * C, mask=kv_mask, other=0.0).to(MM_DTYPE)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     for start_m in range(0, S, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < S
@@ -421,6 +423,16 @@ def check(qkv: torch.Tensor, num_frames: int, num_heads: int, op: str) -> str | 
     return None
 
 
+def temporal_grid(B: int, L: int, T: int, H: int, block_m: int) -> tuple[int, int]:
+    """(batch x row tiles, heads): the large index on axis 0 (limit 2**31-1), heads on axis 1 (limit 65535)."""
+    return B * triton.cdiv(L, (block_m // T) * T), H
+
+
+def spatial_grid(B: int, T: int, S: int, H: int, block: int) -> tuple[int, int]:
+    """(frames x sequence tiles, heads), for the tiles of the sequence dimension the kernel iterates over."""
+    return B * T * triton.cdiv(S, block), H
+
+
 def _meta(qkv: torch.Tensor, num_heads: int) -> dict:
     head_dim = qkv.shape[-1] // (3 * num_heads)
     mm = matmul_dtype(qkv.dtype)
@@ -428,6 +440,7 @@ def _meta(qkv: torch.Tensor, num_heads: int) -> dict:
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "MM_DTYPE": tl_dtype(mm),
+        "ACC_DTYPE": tl_dtype(accumulator_dtype(qkv.dtype)),
         "PRECISION": dot_precision(mm),
     }
 
@@ -436,7 +449,13 @@ def _checked(qkv: torch.Tensor, num_frames: int, num_heads: int, op: str) -> tor
     err = check(qkv, num_frames, num_heads, op)
     if err:
         raise ValueError(err)
-    return qkv if qkv.stride(-1) == 1 else qkv.contiguous()
+    return _unit_stride(qkv)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels address rows by strides but columns as contiguous. Upstream gradients of ``out.sum()`` are
+    stride-0 expansions, so they are materialised here."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def temporal_forward(qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float) -> torch.Tensor:
@@ -445,7 +464,7 @@ def temporal_forward(qkv: torch.Tensor, num_frames: int, num_heads: int, scale: 
     out = qkv.new_empty(B, L, C3 // 3)
 
     def grid(meta):
-        return (B * triton.cdiv(L, (meta["BLOCK_M"] // num_frames) * num_frames), num_heads)
+        return temporal_grid(B, L, num_frames, num_heads, meta["BLOCK_M"])
 
     args = (qkv, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), L, num_frames, C3 // 3, scale)
     with device_guard(qkv):
@@ -458,12 +477,12 @@ def temporal_backward(
     dout: torch.Tensor, qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float
 ) -> torch.Tensor:
     qkv = _checked(qkv, num_frames, num_heads, "temporal_attention")
-    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dout = _unit_stride(dout)
     B, L, C3 = qkv.shape
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
     def grid(meta):
-        return (B * triton.cdiv(L, (meta["BLOCK_M"] // num_frames) * num_frames), num_heads)
+        return temporal_grid(B, L, num_frames, num_heads, meta["BLOCK_M"])
 
     args = (qkv, dout, dqkv, qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0),
             dqkv.stride(1), L, num_frames, C3 // 3, scale)  # fmt: skip
@@ -476,16 +495,16 @@ def temporal_backward(
 def spatial_forward(
     qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (cls_out (B, T, C), patch_out (B, N*T, C), lse (B*T, H, 1+N) fp32, log2 domain, for the backward)."""
+    """-> (cls_out (B, T, C), patch_out (B, N*T, C), lse (B*T, H, 1+N) fp32 log2-domain, for the backward)."""
     qkv = _checked(qkv, num_frames, num_heads, "spatial_attention")
     B, L, C3 = qkv.shape
     T, C, S = num_frames, C3 // 3, 1 + (L - 1) // num_frames
     cls_out = qkv.new_empty(B, T, C)
     patch_out = qkv.new_empty(B, L - 1, C)
-    lse = torch.empty(B * T, num_heads, S, device=qkv.device, dtype=torch.float32)
+    lse = torch.empty(B * T, num_heads, S, device=qkv.device, dtype=accumulator_dtype(qkv.dtype))
 
     def grid(meta):
-        return (B * T * triton.cdiv(S, meta["BLOCK_M"]), num_heads)
+        return spatial_grid(B, T, S, num_heads, meta["BLOCK_M"])
 
     args = (qkv, cls_out, patch_out, lse, qkv.stride(0), qkv.stride(1), cls_out.stride(0), cls_out.stride(1),
             patch_out.stride(0), patch_out.stride(1), T, S, C, num_heads, scale)  # fmt: skip
@@ -509,14 +528,16 @@ def spatial_backward(
     deterministic: bool,
 ) -> torch.Tensor:
     qkv = _checked(qkv, num_frames, num_heads, "spatial_attention")
+    dcls, dpatch = _unit_stride(dcls), _unit_stride(dpatch)
     B, L, C3 = qkv.shape
     T, C, S = num_frames, C3 // 3, 1 + (L - 1) // num_frames
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     delta = torch.empty_like(lse)
-    cls_grad = torch.empty(B, T, C3, device=qkv.device, dtype=torch.float32)  # per-frame partials of the CLS row
+    acc = accumulator_dtype(qkv.dtype)
+    cls_grad = torch.empty(B, T, C3, device=qkv.device, dtype=acc)  # per-frame partials of the CLS row
     # The atomic variant accumulates dQ of every row in fp32; the deterministic one gets a 1-element stand-in.
     dq_shape = (1, 1, 1) if deterministic else (B, L, C)
-    dq_acc = torch.zeros(dq_shape, device=qkv.device, dtype=torch.float32)
+    dq_acc = torch.zeros(dq_shape, device=qkv.device, dtype=acc)
     meta = _meta(qkv, num_heads)
     block = min(64, _interpreter_block(S))
     fixed = {"BLOCK_M": block, "BLOCK_N": block}
@@ -524,10 +545,10 @@ def spatial_backward(
     strides_d = (dcls.stride(0), dcls.stride(1), dpatch.stride(0), dpatch.stride(1))
 
     def grid_m(meta):
-        return (B * T * triton.cdiv(S, meta["BLOCK_M"]), num_heads)
+        return spatial_grid(B, T, S, num_heads, meta["BLOCK_M"])
 
     def grid_n(meta):
-        return (B * T * triton.cdiv(S, meta["BLOCK_N"]), num_heads)
+        return spatial_grid(B, T, S, num_heads, meta["BLOCK_N"])
 
     with device_guard(qkv):
         dq_args = (qkv, cls_out, patch_out, dcls, dpatch, lse, delta, dqkv, cls_grad, qkv.stride(0), qkv.stride(1),
@@ -599,7 +620,7 @@ def spatial_attention_op(
 def _(qkv, num_frames, num_heads, scale, deterministic):
     B, L, C3 = qkv.shape
     S = 1 + (L - 1) // num_frames
-    lse = qkv.new_empty(B * num_frames, num_heads, S, dtype=torch.float32)
+    lse = qkv.new_empty(B * num_frames, num_heads, S, dtype=accumulator_dtype(qkv.dtype))
     return qkv.new_empty(B, num_frames, C3 // 3), qkv.new_empty(B, L - 1, C3 // 3), lse
 
 
@@ -633,10 +654,8 @@ def _spatial_setup(ctx, inputs, output):
 
 def _spatial_grad(ctx, dcls, dpatch, _dlse):
     qkv, cls_out, patch_out, lse = ctx.saved_tensors
-    # An unused output gets no gradient: a stride-0 zero view costs nothing and the kernels read it by strides.
-    dcls = torch.zeros((), dtype=cls_out.dtype, device=cls_out.device).expand_as(cls_out) if dcls is None else dcls
-    if dpatch is None:
-        dpatch = torch.zeros((), dtype=patch_out.dtype, device=patch_out.device).expand_as(patch_out)
+    dcls = torch.zeros_like(cls_out) if dcls is None else dcls  # an unused output gets no gradient
+    dpatch = torch.zeros_like(patch_out) if dpatch is None else dpatch
     dqkv = spatial_attention_backward_op(dcls, dpatch, qkv, cls_out, patch_out, lse, ctx.num_frames, ctx.num_heads,
                                          ctx.scale, ctx.deterministic)  # fmt: skip
     return dqkv, None, None, None, None

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from alpro.kernels import attention_triton as att
-from alpro.kernels import contrastive_triton as ctr
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from alpro.kernels import attention_triton as att
+from alpro.kernels import contrastive_triton as ctr
 
 # Largest dynamic shared memory per block (opt-in), from the CUDA programming guide's compute-capability table.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -89,6 +90,7 @@ def _source(job: Job, int_type: str) -> ASTSource:
     meta = {**dict(job.meta), **job.config.kwargs}
     mm = torch.float32 if job.dtype == torch.float32 else job.dtype
     meta["MM_DTYPE"] = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[mm]
+    meta["ACC_DTYPE"] = tl.float32
     meta["PRECISION"] = "tf32" if job.dtype == torch.float32 else "ieee"
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(job.kernel.params):

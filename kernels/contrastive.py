@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from alpro.kernels import triton_support
 
 _BACKEND = "auto"
@@ -74,15 +75,16 @@ class _ChunkedSimilarityLSE(torch.autograd.Function):
     """``logsumexp_j(scale * x_i . y_j)`` over row chunks; the backward recomputes each chunk's probabilities.
 
     Peak memory is O((M + N) * D + chunk * N) instead of the reference's several (M, N) matrices. Everything
-    is computed in fp32 (CPU bf16 matmuls are slow and inaccurate anyway).
+    is computed in fp32, or fp64 for fp64 inputs (CPU bf16 matmuls are slow and inaccurate anyway).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
-        y32 = y.float()
-        lse = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        ya, sa = y.to(acc), scale.to(acc)
+        lse = torch.empty(x.shape[0], device=x.device, dtype=acc)
         for i in range(0, x.shape[0], chunk):
-            lse[i : i + chunk] = torch.logsumexp((x[i : i + chunk].float() @ y32.t()) * scale.float(), dim=1)
+            lse[i : i + chunk] = torch.logsumexp((x[i : i + chunk].to(acc) @ ya.t()) * sa, dim=1)
         ctx.chunk = chunk
         ctx.save_for_backward(x, y, scale, lse)
         return lse
@@ -90,22 +92,23 @@ class _ChunkedSimilarityLSE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dlse: torch.Tensor):  # type: ignore[override]
         x, y, scale, lse = ctx.saved_tensors
-        s32, y32 = scale.float(), y.float()
-        dx = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-        dy = torch.zeros(y.shape, device=y.device, dtype=torch.float32)
-        dscale = torch.zeros((), device=x.device, dtype=torch.float32)
+        acc = lse.dtype
+        ya, sa = y.to(acc), scale.to(acc)
+        dx = torch.empty(x.shape, device=x.device, dtype=acc)
+        dy = torch.zeros(y.shape, device=y.device, dtype=acc)
+        dscale = torch.zeros((), device=x.device, dtype=acc)
         for i in range(0, x.shape[0], ctx.chunk):
-            x_c = x[i : i + ctx.chunk].float()
-            logits = x_c @ y32.t()  # (chunk, N), unscaled
-            p = torch.exp(logits * s32 - lse[i : i + ctx.chunk, None]) * dlse[i : i + ctx.chunk, None]
-            dx[i : i + ctx.chunk] = p @ y32
+            x_c = x[i : i + ctx.chunk].to(acc)
+            logits = x_c @ ya.t()  # (chunk, N), unscaled
+            p = torch.exp(logits * sa - lse[i : i + ctx.chunk, None]) * dlse[i : i + ctx.chunk, None]
+            dx[i : i + ctx.chunk] = p @ ya
             dy += p.t() @ x_c
             dscale += (p * logits).sum()
-        return (dx * s32).to(x.dtype), (dy * s32).to(y.dtype), dscale.to(scale.dtype).reshape(scale.shape), None
+        return (dx * sa).to(x.dtype), (dy * sa).to(y.dtype), dscale.to(scale.dtype).reshape(scale.shape), None
 
 
 def similarity_lse_chunked(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(M, D), (N, D), 0-d scale -> (M,) fp32 ``logsumexp_j(scale * x_i . y_j)`` in O(M*D + N*D) memory."""
+    """(M, D), (N, D), 0-d scale -> (M,) ``logsumexp_j(scale * x_i . y_j)`` in O(M*D + N*D) memory."""
     chunk = max(1, min(x.shape[0], CHUNK_LOGITS // max(1, y.shape[0])))
     return _ChunkedSimilarityLSE.apply(x, y, scale, chunk)
 
@@ -127,11 +130,12 @@ def contrastive_loss_lse(
 ) -> torch.Tensor:
     """The reference's loss as ``mean(lse - positive)`` per direction, with the log-sum-exp from ``similarity_lse``."""
     B = video_feat.shape[0]
-    scale = 1.0 / temp.float()
-    pos_text = text_all[rank_offset : rank_offset + B].float()  # the positive of row i is column i + rank_offset
-    pos_video = video_all[rank_offset : rank_offset + B].float()
-    v2t = similarity_lse(video_feat, text_all, scale) - (video_feat.float() * pos_text).sum(-1) * scale
-    t2v = similarity_lse(text_feat, video_all, scale) - (text_feat.float() * pos_video).sum(-1) * scale
+    acc = torch.promote_types(video_feat.dtype, torch.float32)  # fp32 accumulation (fp64 stays fp64)
+    scale = 1.0 / temp.to(acc)
+    pos_text = text_all[rank_offset : rank_offset + B].to(acc)  # the positive of row i is column i + rank_offset
+    pos_video = video_all[rank_offset : rank_offset + B].to(acc)
+    v2t = similarity_lse(video_feat, text_all, scale) - (video_feat.to(acc) * pos_text).sum(-1) * scale
+    t2v = similarity_lse(text_feat, video_all, scale) - (text_feat.to(acc) * pos_video).sum(-1) * scale
     return (v2t.mean() + t2v.mean()) / 2
 
 

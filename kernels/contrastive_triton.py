@@ -26,7 +26,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from alpro.kernels.triton_support import device_guard, dot_precision, interpreting, launch_error, matmul_dtype, tl_dtype
+
+from alpro.kernels.triton_support import (
+    accumulator_dtype,
+    device_guard,
+    dot_precision,
+    interpreting,
+    launch_error,
+    matmul_dtype,
+    tl_dtype,
+)
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) == exp2(x * LOG2E)
 MAX_DIM = 256
@@ -40,17 +49,17 @@ def _lse_fwd_kernel(
     X, Y, SCALE, LSE,
     M, N, stride_x, stride_y,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < D)[None, :]
     x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=(offs_m < M)[:, None] & d_ok, other=0.0)
     x = x.to(MM_DTYPE)
-    scale2 = tl.load(SCALE).to(tl.float32) * LOG2E
+    scale2 = tl.load(SCALE).to(ACC_DTYPE) * LOG2E
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=(offs_n < N)[:, None] & d_ok, other=0.0)
@@ -67,7 +76,7 @@ def _lse_bwd_dx_kernel(
     X, Y, SCALE, LSE, DLSE, DX, DSCALE_ROWS,
     M, N, stride_x, stride_y, stride_dx,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dx for a row block, and per-row terms of dscale (summed by the launcher)."""
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,12 +85,12 @@ def _lse_bwd_dx_kernel(
     m_ok = offs_m < M
     x = tl.load(X + offs_m[:, None] * stride_x + offs_d[None, :], mask=m_ok[:, None] & d_ok, other=0.0)
     x = x.to(MM_DTYPE)
-    scale = tl.load(SCALE).to(tl.float32)
+    scale = tl.load(SCALE).to(ACC_DTYPE)
     lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * LOG2E
     g = tl.load(DLSE + offs_m, mask=m_ok, other=0.0)  # 0 on padded rows: their P vanishes
 
-    dx = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dscale = tl.zeros([BLOCK_M], tl.float32)
+    dx = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    dscale = tl.zeros([BLOCK_M], ACC_DTYPE)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=(offs_n < N)[:, None] & d_ok, other=0.0)
@@ -101,7 +110,7 @@ def _lse_bwd_dy_kernel(
     X, Y, SCALE, LSE, DLSE, DY,
     M, N, stride_x, stride_y, stride_dy,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """dy for a column block; scores are computed transposed (columns x rows) so dy needs no transpose."""
     offs_n = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -110,9 +119,9 @@ def _lse_bwd_dy_kernel(
     n_ok = offs_n < N
     y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
     y = y.to(MM_DTYPE)
-    scale = tl.load(SCALE).to(tl.float32)
+    scale = tl.load(SCALE).to(ACC_DTYPE)
 
-    dy = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dy = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     for start_m in range(0, M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         m_ok = offs_m < M
@@ -203,20 +212,20 @@ def _prepare(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> tuple[tor
         raise ValueError(err)
     dtype = torch.promote_types(x.dtype, y.dtype)
     x, y = (t.to(dtype) if t.stride(-1) == 1 else t.to(dtype).contiguous() for t in (x, y))
-    return x, y, scale.detach().reshape(1).to(torch.float32)
+    return x, y, scale.detach().reshape(1).to(accumulator_dtype(dtype))
 
 
 def _meta(x: torch.Tensor) -> dict:
     mm = matmul_dtype(x.dtype)
     D = x.shape[1]
     return {"D": D, "BLOCK_D": max(16, triton.next_power_of_2(D)), "MM_DTYPE": tl_dtype(mm),
-            "PRECISION": dot_precision(mm)}  # fmt: skip
+            "ACC_DTYPE": tl_dtype(accumulator_dtype(x.dtype)), "PRECISION": dot_precision(mm)}  # fmt: skip
 
 
 def lse_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x, y, scale = _prepare(x, y, scale)
     M, N = x.shape[0], y.shape[0]
-    lse = torch.empty(M, device=x.device, dtype=torch.float32)
+    lse = torch.empty(M, device=x.device, dtype=accumulator_dtype(x.dtype))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]),)
@@ -231,10 +240,10 @@ def lse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x_dtype, y_dtype, scale_dtype = x.dtype, y.dtype, scale.dtype
     x, y, scale32 = _prepare(x, y, scale)
-    dlse = dlse.to(torch.float32).contiguous()
+    dlse = dlse.to(accumulator_dtype(x.dtype)).contiguous()
     M, N = x.shape[0], y.shape[0]
     dx, dy = torch.empty_like(x), torch.empty_like(y)
-    dscale_rows = torch.empty(M, device=x.device, dtype=torch.float32)
+    dscale_rows = torch.empty(M, device=x.device, dtype=accumulator_dtype(x.dtype))
     meta = _meta(x)
 
     def grid_m(meta):
@@ -257,13 +266,13 @@ def lse_backward(
 
 @torch.library.custom_op("alpro::similarity_lse", mutates_args=())
 def similarity_lse_op(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(M, D), (N, D), 0-d scale -> (M,) fp32 ``logsumexp_j(scale * x_i . y_j)``."""
+    """(M, D), (N, D), 0-d scale -> (M,) ``logsumexp_j(scale * x_i . y_j)`` in fp32 (fp64 for fp64 inputs)."""
     return lse_forward(x, y, scale)
 
 
 @similarity_lse_op.register_fake
 def _(x, y, scale):
-    return x.new_empty(x.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape[0], dtype=accumulator_dtype(torch.promote_types(x.dtype, y.dtype)))
 
 
 @torch.library.custom_op("alpro::similarity_lse_backward", mutates_args=())

@@ -9,13 +9,14 @@ kernel is *defined*, so the kernel modules are imported lazily, on first use.
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# fp64 runs (with fp64 accumulation) only under the interpreter: it exists for torch.autograd.gradcheck.
+INTERPRETER_DTYPES = (*SUPPORTED_DTYPES, torch.float64)
 
 
 def interpreting() -> bool:
@@ -23,9 +24,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def can_launch(t: torch.Tensor) -> bool:
@@ -39,7 +42,7 @@ def launch_error(t: torch.Tensor, op: str) -> str | None:
         return f"{op}: backend 'triton' needs the triton package (pip install triton)"
     if not can_launch(t):
         return f"{op}: backend 'triton' needs a CUDA tensor, or TRITON_INTERPRET=1 for CPU tensors (got {t.device})"
-    if t.dtype not in SUPPORTED_DTYPES:
+    if t.dtype not in (INTERPRETER_DTYPES if interpreting() else SUPPORTED_DTYPES):
         return f"{op}: backend 'triton' supports float16/bfloat16/float32, not {t.dtype}"
     return None
 
@@ -53,6 +56,11 @@ def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype == torch.bfloat16 and interpreting():
         return torch.float32
     return dtype
+
+
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation (softmax statistics, partial sums) for every GPU dtype; fp64 for interpreter gradchecks."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -71,4 +79,9 @@ def tl_dtype(dtype: torch.dtype):
     """The ``triton.language`` dtype for a torch dtype (for ``tl.constexpr`` arguments)."""
     import triton.language as tl
 
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+    return {
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+    }[dtype]
