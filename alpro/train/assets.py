@@ -80,32 +80,18 @@ def _read_vocab(path: Path) -> dict[str, int]:
     return vocab
 
 
-def read_entities(path: Path, num: int) -> list[str]:
-    """The first ``num`` entities of a ``word count`` file (the original's unigrams.txt)."""
-    if not Path(path).is_file():
-        raise AlproError(f"init.entities: {path} not found")
-    words = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        words.append(parts[0])
-        if len(words) == num:
-            break
-    if not words:
-        raise AlproError(f"{path}: no entities")
-    return words
-
-
 def build_initialised_model(cfg, task: str, tokenizer, answer_vocab: dict[str, int] | None, rank: int):
     """Build the stage's model and load its initial weights (never a resume: that is the engine's job)."""
     from alpro.models import build_model, load_bert_weights, load_checkpoint, load_vit_weights
+    from alpro.models.entities import read_entities
 
     entities = None
     num_entities = None
     if task == "pretrain" and cfg.model.loss.pem > 0:
         if cfg.init.entities is None:
             raise AlproError("pre-training with PEM needs init.entities (alpro entities ... --out unigrams.txt)")
+        if not Path(cfg.init.entities).is_file():
+            raise AlproError(f"init.entities: {cfg.init.entities} not found")
         entities = read_entities(cfg.init.entities, cfg.model.num_entities)
         num_entities = len(entities)
         if cfg.init.prompter is None:

@@ -92,19 +92,20 @@ def run_demo(out: Path, num_clips: int, nproc: int, scale: float) -> dict:
 
     data = ["--data.train.video", str(shards / "train_video"), "--data.train.image", str(shards / "train_image"),
             "--data.test.video", str(shards / "test_video")]
-    steps = {name: max(1, round(n * scale)) for name, n in (("prompter", 240), ("pretrain", 300), ("qa", 240))}
+    steps = {name: max(1, round(n * scale)) for name, n in (("prompter", 200), ("pretrain", 200), ("qa", 200))}
     step("prompter", (runs / "prompter" / "final" / "model.safetensors").is_file(),
          _torchrun(nproc, "--config", str(CONFIGS / "prompter.yaml"), "--train.run_dir", str(runs / "prompter"),
                    "--train.steps", str(steps["prompter"]), "--train.resume", "auto", *data))
     step("pretrain", (runs / "pretrain" / "final" / "model.safetensors").is_file(),
          _torchrun(nproc, "--config", str(CONFIGS / "pretrain.yaml"), "--train.run_dir", str(runs / "pretrain"),
                    "--train.steps", str(steps["pretrain"]), "--train.resume", "auto",
+                   "--init.weights", str(runs / "prompter" / "final" / "model.safetensors"),
                    "--init.prompter", str(runs / "prompter" / "final" / "model.safetensors"),
                    "--init.entities", str(out / "entities.txt"), *data))
     results_dir = out / "results"
     step("zero-shot-retrieval", (results_dir / "zeroshot_retrieval.json").is_file(),
-         _alpro("eval", str(runs / "pretrain"), "--task", "retrieval", "--split", "test", "--protocol", "both",
-                "--out", str(results_dir / "zeroshot_retrieval.json")))
+         _alpro("eval", str(runs / "pretrain"), "--task", "retrieval", "--split", "test", "--protocol", "lavis",
+                "--k-test", "16", "--out", str(results_dir / "zeroshot_retrieval.json")))
     step("qa-finetune", (runs / "qa" / "final" / "model.safetensors").is_file(),
          _torchrun(nproc, "--config", str(CONFIGS / "qa.yaml"), "--train.run_dir", str(runs / "qa"),
                    "--train.steps", str(steps["qa"]), "--train.resume", "auto",

@@ -196,17 +196,17 @@ def classify(index_dir: Path, labels: list[str], top: int = 3) -> list[dict[str,
 
 
 def _labels_for(args, meta: dict[str, Any]) -> list[str]:
-    from alpro.train.assets import read_entities
+    from alpro.models.entities import read_entities
 
     if args.labels:
         path = Path(args.labels)
         if path.is_file():
-            return read_entities(path, 10**9)
+            return read_entities(path)
         return [w.strip() for w in args.labels.split(",") if w.strip()]
     run = Path(meta["run"])
     for cand in (run / "entities.txt", run / "final" / "entities.txt"):
         if cand.is_file():
-            return read_entities(cand, 10**9)
+            return read_entities(cand)
     raise AlproError("no labels: pass --labels FILE_OR_COMMA_LIST (the run has no entities.txt)")
 
 
