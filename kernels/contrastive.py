@@ -84,7 +84,7 @@ class _ChunkedSimilarityLSE(torch.autograd.Function):
         ya, sa = y.to(acc), scale.to(acc)
         lse = torch.empty(x.shape[0], device=x.device, dtype=acc)
         for i in range(0, x.shape[0], chunk):
-            lse[i : i + chunk] = torch.logsumexp((x[i : i + chunk].to(acc) @ ya.t()) * sa, dim=1)
+            lse[i : i + chunk] = torch.logsumexp((x[i : i + chunk].to(acc) @ ya.t()).mul_(sa), dim=1)
         ctx.chunk = chunk
         ctx.save_for_backward(x, y, scale, lse)
         return lse
@@ -100,7 +100,8 @@ class _ChunkedSimilarityLSE(torch.autograd.Function):
         for i in range(0, x.shape[0], ctx.chunk):
             x_c = x[i : i + ctx.chunk].to(acc)
             logits = x_c @ ya.t()  # (chunk, N), unscaled
-            p = torch.exp(logits * sa - lse[i : i + ctx.chunk, None]) * dlse[i : i + ctx.chunk, None]
+            # P * dlse, built in place: two (chunk, N) buffers live at a time (logits and p)
+            p = (logits * sa).sub_(lse[i : i + ctx.chunk, None]).exp_().mul_(dlse[i : i + ctx.chunk, None])
             dx[i : i + ctx.chunk] = p @ ya
             dy += p.t() @ x_c
             dscale += (p * logits).sum()
