@@ -33,8 +33,8 @@ def assert_fa_rule(errors: dict[str, tuple[float, float]], dtype: str) -> None:
         )
 
 
-# (op, B, N, T, H, Dh, dtype): odd token counts, T = 1..16 (3 is not a power of two), batch sizes that are not
-# multiples of a tile, head dims 32/48/64/128, every dtype; 70 patches span three 32-row tiles (online softmax
+# (op, B, N, T, H, Dh, dtype): odd token counts, T = 1..32 (3 and 12 are not powers of two), batch sizes that
+# are not multiples of a tile, head dims 32/48/64/128, every dtype; 70 patches span three 32-row tiles (online softmax
 # across key tiles plus a masked last tile).
 ATTENTION_CASES = [
     ("temporal", 3, 5, 4, 2, 32, "fp32"),
@@ -43,6 +43,7 @@ ATTENTION_CASES = [
     ("temporal", 1, 3, 16, 2, 32, "bf16"),
     ("temporal", 1, 6, 3, 1, 128, "fp32"),
     ("temporal", 1, 5, 12, 1, 48, "fp16"),
+    ("temporal", 1, 3, 32, 1, 32, "fp32"),
     ("spatial", 2, 5, 4, 2, 32, "fp32"),
     ("spatial", 3, 13, 1, 2, 64, "fp32"),
     ("spatial", 1, 9, 8, 1, 64, "fp16"),
@@ -50,6 +51,7 @@ ATTENTION_CASES = [
     ("spatial", 1, 70, 2, 1, 32, "fp32"),
     ("spatial", 1, 17, 2, 1, 128, "fp32"),
     ("spatial", 1, 6, 3, 2, 48, "bf16"),
+    ("spatial", 1, 3, 32, 1, 32, "fp16"),
 ]
 
 
