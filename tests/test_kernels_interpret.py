@@ -34,8 +34,8 @@ def assert_fa_rule(errors: dict[str, tuple[float, float]], dtype: str) -> None:
 
 
 # (op, B, N, T, H, Dh, dtype): odd token counts, T = 1..32 (3 and 12 are not powers of two), batch sizes that
-# are not multiples of a tile, head dims 32/48/64/128, every dtype; 70 patches span three 32-row tiles (online softmax
-# across key tiles plus a masked last tile).
+# are not multiples of a tile, head dims 32/48/64/128, every dtype; 1 + 70 tokens span two 64-row tiles (online
+# softmax across key tiles, a masked last tile, CLS partials from several tiles).
 ATTENTION_CASES = [
     ("temporal", 3, 5, 4, 2, 32, "fp32"),
     ("temporal", 2, 13, 1, 2, 64, "fp32"),
