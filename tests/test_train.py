@@ -172,7 +172,7 @@ def test_search_and_classify_on_a_trained_checkpoint(stages, tiny_shards, tmp_pa
 
 
 def test_zero_stages_agree_on_two_processes(tiny_shards, tmp_path):
-    """ZeRO 0, 1 and 3 reproduce ZeRO-2's loss curve (same maths, different partitioning)."""
+    """ZeRO 0, 1 and 3 reproduce ZeRO-2's loss curve (same maths, different partitioning); bf16 follows it."""
     prompter_args = ("--train.steps", "4")
     curves = {}
     for stage in (2, 0, 1, 3):
@@ -183,6 +183,11 @@ def test_zero_stages_agree_on_two_processes(tiny_shards, tmp_path):
     for stage in (0, 1, 3):
         for step, value in curves[2].items():
             assert curves[stage][step] == pytest.approx(value, rel=1e-4, abs=1e-5), (stage, step)
+    # bf16 (DeepSpeed's bf16 optimizer, fp32 master weights) follows the fp32 curve to bf16 precision.
+    run = tmp_path / "bf16"
+    train("prompter", run, tiny_shards, *prompter_args, "--train.precision", "bf16", nproc=2)
+    for step, value in curves[2].items():
+        assert losses(run)[step] == pytest.approx(value, rel=5e-2), step
 
 
 def test_two_simulated_nodes_match_one_node(tiny_shards, tmp_path):

@@ -105,14 +105,14 @@ def run_demo(out: Path, num_clips: int, nproc: int, scale: float) -> dict:
     results_dir = out / "results"
     step("zero-shot-retrieval", (results_dir / "zeroshot_retrieval.json").is_file(),
          _alpro("eval", str(runs / "pretrain"), "--task", "retrieval", "--split", "test", "--protocol", "lavis",
-                "--k-test", "16", "--out", str(results_dir / "zeroshot_retrieval.json")))
+                "--k-test", "16", "--no-progress", "--out", str(results_dir / "zeroshot_retrieval.json")))
     step("qa-finetune", (runs / "qa" / "final" / "model.safetensors").is_file(),
          _torchrun(nproc, "--config", str(CONFIGS / "qa.yaml"), "--train.run_dir", str(runs / "qa"),
                    "--train.steps", str(steps["qa"]), "--train.resume", "auto",
                    "--init.weights", str(runs / "pretrain" / "final" / "model.safetensors"), *data,
                    "--data.train.image", "null"))
     step("qa-eval", (results_dir / "qa.json").is_file(),
-         _alpro("eval", str(runs / "qa"), "--split", "test", "--out", str(results_dir / "qa.json")))
+         _alpro("eval", str(runs / "qa"), "--split", "test", "--no-progress", "--out", str(results_dir / "qa.json")))
 
     retrieval = json.loads((results_dir / "zeroshot_retrieval.json").read_text())
     qa = json.loads((results_dir / "qa.json").read_text())

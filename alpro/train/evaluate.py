@@ -51,15 +51,24 @@ def _sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _maybe_tqdm(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="batch")
+
+
 @torch.no_grad()
-def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragraph: bool = False):
+def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragraph: bool = False,
+                         progress: bool = False):
     """Embed every clip of ``loader`` and all of their captions. Returns (RetrievalEmbeddings, text_to_video,
     keys), identical on every rank."""
     from alpro.data.text import encode
     from alpro.models.evaluation import RetrievalEmbeddings, embed_texts, embed_videos, paragraph_queries
 
     local: list[dict[str, Any]] = []
-    for batch in loader:
+    for batch in _maybe_tqdm(loader, progress, "embedding clips"):
         keep = batch.valid if batch.valid is not None else torch.ones(len(batch), dtype=torch.bool)
         if not keep.any():
             continue
@@ -92,14 +101,14 @@ def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragra
 
 @torch.no_grad()
 def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, split: str,
-                       protocol: str | None = None) -> dict[str, float]:
+                       protocol: str | None = None, progress: bool = False) -> dict[str, float]:
     from alpro.data import build_eval_loader
     from alpro.models.evaluation import retrieval_metrics, scores_lavis, scores_original
 
     protocol = protocol or cfg.eval.protocol
     loader = build_eval_loader(cfg.data, "retrieval", tokenizer, rank, world, split=split, seed=cfg.seed)
     emb, gt, keys = retrieval_embeddings(model, loader, tokenizer, cfg.data.max_text_len, device,
-                                         paragraph=cfg.eval.paragraph or cfg.data.paragraph)
+                                         paragraph=cfg.eval.paragraph or cfg.data.paragraph, progress=progress)
     n_videos, n_texts = emb.video_feat.shape[0], emb.text_feat.shape[0]
     out: dict[str, float] = {"n_videos": float(n_videos), "n_texts": float(n_texts),
                              "chance_r1": 100.0 / n_videos, "chance_r5": min(100.0, 500.0 / n_videos),
@@ -109,10 +118,10 @@ def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, spl
     has_vtm = getattr(model, "vtm_head", None) is not None
     shard = (rank, world)
     if has_vtm and protocol in ("original", "both"):
-        scores = _sum_across_ranks(scores_original(model, emb, cfg.eval.batch_size, shard=shard))
+        scores = _sum_across_ranks(scores_original(model, emb, cfg.eval.batch_size, progress, shard=shard))
         out.update({f"original_{k}": v for k, v in retrieval_metrics(scores, gt).items()})
     if has_vtm and protocol in ("lavis", "both"):
-        v2t, t2v = scores_lavis(model, emb, cfg.eval.k_test, cfg.eval.batch_size, shard=shard)
+        v2t, t2v = scores_lavis(model, emb, cfg.eval.k_test, cfg.eval.batch_size, progress, shard=shard)
         v2t, t2v = _sum_across_ranks(v2t), _sum_across_ranks(t2v)
         out.update({f"lavis_{k}": v for k, v in retrieval_metrics(t2v, gt, v2t).items()})
     return out
@@ -120,14 +129,14 @@ def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, spl
 
 @torch.no_grad()
 def evaluate_qa(model, cfg, tokenizer, answer_vocab: dict[str, int], rank: int, world: int, device,
-                split: str) -> dict[str, float]:
+                split: str, progress: bool = False) -> dict[str, float]:
     from alpro.data import build_eval_loader
     from alpro.models.evaluation import predict_answers, qa_accuracy
 
     loader = build_eval_loader(cfg.data, "qa", tokenizer, rank, world, split=split, answer_vocab=answer_vocab,
                                seed=cfg.seed)
     preds, targets, types = [], [], []
-    for batch in loader:
+    for batch in _maybe_tqdm(loader, progress, "answering"):
         keep = batch.valid if batch.valid is not None else torch.ones(len(batch), dtype=torch.bool)
         idx = keep.nonzero().squeeze(1)
         if len(idx) == 0:
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol", choices=["original", "lavis", "both"], default=None)
     p.add_argument("--k-test", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args, overrides = p.parse_known_args(argv)
     if args.k_test is not None:
         overrides += ["--eval.k_test", str(args.k_test)]
@@ -216,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     report = load_checkpoint(model, weights)
     LOG.info(str(report))
     model.to(device).eval()
+    progress = rank == 0 and not args.no_progress
     t0 = time.perf_counter()
     if task == "qa":
-        results = evaluate_qa(model, cfg, tokenizer, answer_vocab, rank, world, device, args.split)
+        results = evaluate_qa(model, cfg, tokenizer, answer_vocab, rank, world, device, args.split, progress)
     else:
-        results = evaluate_retrieval(model, cfg, tokenizer, rank, world, device, args.split, args.protocol)
+        results = evaluate_retrieval(model, cfg, tokenizer, rank, world, device, args.split, args.protocol,
+                                     progress)
     results["seconds"] = time.perf_counter() - t0
     if rank == 0:
         print(json.dumps({"run": str(args.run), "task": task, "split": args.split, **results}, indent=1))
