@@ -1,7 +1,9 @@
 """Session-wide test shards for the loader tests: a few tiny H.264 / VP9 clips and JPEG images, built once.
 
-Shards follow docs/shard_format.md. ``write_shards`` is a small stand-in writer used until the sharder lands.
-:func:`shared_corpus` builds once per test session (module-level cache) under a temporary directory.
+:func:`shared_corpus` shards them with the real sharder once per test session (module-level cache), so the
+loader is always tested against what ``alpro shard`` writes. :func:`write_shards` hand-writes shards in the same
+format for the samples the sharder refuses to write (corrupt, truncated, lying metadata): the loader must
+survive those when they come from other tools or from disk corruption.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import io
 import json
 import shutil
 import struct
+import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -75,25 +79,37 @@ def write_shards(out: Path, samples: list[dict], per_shard: int = 4, name: str =
 
 def make_corpus(root: Path, n_video: int = 8, n_image: int = 4, codec: str = "h264", seconds: float = 2.0,
                 qa: bool = False) -> tuple[Path, Path]:
-    """Video shards and image shards with distinct captions; returns (video_dir, image_dir)."""
-    samples = []
-    suffix = ".mp4" if codec == "h264" else ".webm"
+    """Clips and images sharded by the real sharder (``alpro shard``), 3 per shard, with distinct captions and
+    (``qa``) two questions per clip; returns (video_dir, image_dir).
+
+    The sharder runs in a subprocess: FFmpeg's encoder threads must not exist in a process that later forks
+    DataLoader workers (a forked child can inherit a held lock and hang)."""
+    src = root / "src"
+    rows = []
     for i in range(n_video):
-        path = mf.make_video(root / "src" / f"v{i}{suffix}", width=64, height=48, seconds=seconds, fps=24, gop=8,
-                             codec=codec, seed=i)
-        extra = {}
+        mf.make_video(src / f"v{i}.mp4", width=64, height=48, seconds=seconds, fps=24, gop=8, seed=i)
+        row = {"id": f"v{i:03d}", "video": f"v{i}.mp4",
+               "captions": [f"clip number {i} shows a moving square", f"caption two of clip {i}"]}
         if qa:
-            extra["qa"] = [{"question": f"what color is thing {i} {q}", "answer": ["red", "blue", "green"][(i + q) % 3],
-                            "answer_type": "color"} for q in range(2)]
-        samples.append({"key": f"v{i:03d}", "path": path, "media": "video", "extra": extra,
-                        "captions": [f"clip number {i} shows a moving square", f"caption two of clip {i}"]})
-    video = write_shards(root / "video", samples, per_shard=3)
-    images = []
+            row["qa"] = [{"question": f"what color is thing {i} {q}", "answer": ["red", "blue", "green"][(i + q) % 3],
+                          "answer_type": "color"} for q in range(2)]
+        rows.append(row)
     for i in range(n_image):
-        path = mf.make_image(root / "src" / f"i{i}.jpg", width=80, height=60, seed=100 + i)
-        images.append({"key": f"i{i:03d}", "path": path, "media": "image", "captions": [f"a still image {i}"]})
-    image = write_shards(root / "image", images, per_shard=3)
+        mf.make_image(src / f"i{i}.jpg", width=80, height=60, seed=100 + i)
+        rows.append({"id": f"i{i:03d}", "image": f"i{i}.jpg", "caption": f"a still image {i}"})
+    manifest = src / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    video, image = root / "video", root / "image"
+    _shard(manifest, video, "--media", "video", "--codec", codec)
+    if n_image:
+        _shard(manifest, image, "--media", "image")
     return video, image
+
+
+def _shard(manifest: Path, out: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "alpro.sharding.shard", str(manifest), str(out), "--shard-size", "3",
+           "--no-progress", *args]
+    subprocess.run(cmd, check=True, capture_output=True)
 
 
 def frames_equal(a: np.ndarray, b: np.ndarray) -> bool:

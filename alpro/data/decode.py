@@ -11,6 +11,7 @@ probed once by demuxing packets, which reads no pixels.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import av
@@ -22,9 +23,17 @@ from PIL import Image
 from alpro.data.shards import SampleError
 
 _INTERP = {"bilinear": Interpolation.BILINEAR, "bicubic": Interpolation.BICUBIC, "area": Interpolation.AREA}
-# One swscale context per process, reused across frames and clips: building it per frame costs ~10x the
-# conversion itself at these sizes.
-_REFORMATTER = VideoReformatter()
+_REFORMATTERS: dict[int, VideoReformatter] = {}
+
+
+def _reformatter() -> VideoReformatter:
+    """One swscale context per process, reused across frames and clips (building one per frame costs ~10x the
+    conversion at these sizes). Per process because a context must never cross a fork."""
+    pid = os.getpid()
+    if pid not in _REFORMATTERS:
+        _REFORMATTERS.clear()
+        _REFORMATTERS[pid] = VideoReformatter()
+    return _REFORMATTERS[pid]
 
 
 @dataclass
@@ -139,8 +148,9 @@ def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, i
                     pos = meta.index_of(frame.pts, pos + 1)
                     if pos in got or pos not in wanted:
                         continue
-                    rgb = _REFORMATTER.reformat(frame, width=size, height=size, format="rgb24",
-                                                interpolation=_INTERP[interpolation])
+                    # threads=1: swscale's own thread pool would oversubscribe workers and cannot survive fork.
+                    rgb = _reformatter().reformat(frame, width=size, height=size, format="rgb24",
+                                                  interpolation=_INTERP[interpolation], threads=1)
                     got[pos] = rgb.to_ndarray()
                 if t not in got:
                     raise SampleError("decode_error", f"frame {t} was not produced (seek landed at {pos})")
