@@ -13,8 +13,10 @@ CORPUS = ["a man rides a red bicycle down the street", "two dogs play with a bal
 
 def test_templates_match_the_original():
     assert len(VIDEO_PROMPT_TEMPLATES) == len(IMAGE_PROMPT_TEMPLATES) == 12
-    assert VIDEO_PROMPT_TEMPLATES[0] == "A footage of a {}." and VIDEO_PROMPT_TEMPLATES[-1] == "A video footage of one {}."
-    assert IMAGE_PROMPT_TEMPLATES[6] == "A good photo of the {}." and IMAGE_PROMPT_TEMPLATES[-1] == "A good picture of one {}."
+    assert VIDEO_PROMPT_TEMPLATES[0] == "A footage of a {}."
+    assert VIDEO_PROMPT_TEMPLATES[-1] == "A video footage of one {}."
+    assert IMAGE_PROMPT_TEMPLATES[6] == "A good photo of the {}."
+    assert IMAGE_PROMPT_TEMPLATES[-1] == "A good picture of one {}."
 
 
 def test_trained_tokenizer_is_uncased_saved_and_covers_prompts(tmp_path):

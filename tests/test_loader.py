@@ -228,3 +228,27 @@ def test_pipe_sources_stream_and_resume_exactly_with_the_same_workers(corpus, to
     without_index = make_cfg(corpus, train={"video": f"pipe:cat {video}/shard-000000.tar", "image": None})
     with pytest.raises(AlproError, match="video_index"):
         build_train_loader(without_index, "pretrain", tok, 0, 1, seed=0)
+
+
+def test_every_shard_spec_form_lists_the_same_samples(corpus, tmp_path):
+    from alpro.data.shards import resolve
+
+    video = corpus["video"]
+    forms = [str(video), str(video / "index.json.zst"), str(video / "shard-*.tar"),
+             str(video / "shard-{000000..000002}.tar"),
+             [str(video / "shard-000000.tar"), str(video / "shard-00000[12].tar")]]
+    keys = [[resolve(f, "x").key(i) for i in range(8)] for f in forms]
+    assert all(k == keys[0] for k in keys) and keys[0][0] == "v000"
+    assert resolve(str(video), "x").options["codec"] == "h264"
+
+
+def test_fsspec_urls_read_through_the_index(corpus, tok):
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for path in corpus["video"].iterdir():
+        if path.suffix in (".tar", ".zst"):
+            fs.pipe(f"/alpro-test/{path.name}", path.read_bytes())
+    cfg = make_cfg(corpus, val={"video": "memory://alpro-test/index.json.zst"})
+    local = [b.keys for b in build_eval_loader(make_cfg(corpus), "retrieval", tok, 0, 1)]
+    remote = build_eval_loader(cfg, "retrieval", tok, 0, 1)
+    assert [b.keys for b in remote] == local

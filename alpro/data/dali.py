@@ -51,7 +51,8 @@ def choose_decoder(cfg: DataConfig) -> str:
         return "pyav"
     if cfg.decoder == "dali":
         if not dali_available():
-            raise AlproError("data.decoder is 'dali' but NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+            raise AlproError("data.decoder is 'dali' but NVIDIA DALI is not installed "
+                             "(pip install nvidia-dali-cuda130)")
         return "dali"
     return "dali" if torch.cuda.is_available() and dali_available() else "pyav"
 
@@ -155,7 +156,9 @@ def _build_pipeline(batch_size: int, threads: int, device: str, device_id: int |
                     interpolation: str):
     from nvidia.dali import fn, pipeline_def, types
 
-    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "area": types.INTERP_LINEAR}[interpolation]
+    # DALI has no area filter; its antialiased linear filter averages over the footprint when shrinking.
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC, "area": types.INTERP_LINEAR}
+    interp = interp[interpolation]
 
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=1,
                   exec_dynamic=True)

@@ -373,7 +373,8 @@ class Reader:
             raise SampleError("bad_tar", f"{shard.url}@{shard.offsets[j]}: found sample {key}, index says {expected}")
         return key, members
 
-    def head(self, shard: Shard, j: int, exts: tuple[str, ...] = ("json", "txt"), probe: int = 65536) -> dict[str, bytes]:
+    def head(self, shard: Shard, j: int, exts: tuple[str, ...] = ("json", "txt"),
+             probe: int = 65536) -> dict[str, bytes]:
         """Only the small members ``exts`` of sample j, without reading its media: one read of the first
         ``probe`` bytes (where this project's shards keep json and txt), then only headers and wanted data."""
         url, offset, size = shard.url, int(shard.offsets[j]), int(shard.sizes[j])

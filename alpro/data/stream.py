@@ -55,7 +55,8 @@ class _ShardStream(IterableDataset):
         self.positions = positions
 
     def _draw(self, worker: int, workers: int, k: int) -> int:
-        return int(rng(self.seed, self.source, ORDER, self.rank, worker, workers, k).integers(len(self.shardset.shards)))
+        g = rng(self.seed, self.source, ORDER, self.rank, worker, workers, k)
+        return int(g.integers(len(self.shardset.shards)))
 
     def _emitted(self, shard: int, worker: int, workers: int, k: int, stats: BatchStats):
         """Samples of draw k in shuffle-buffer order: (global sample id, key, members)."""

@@ -1,0 +1,264 @@
+"""Loader throughput per CPU core: the original's decord-per-file way against this loader (PyAV, DALI CPU).
+
+    .venv/bin/python benchmarks/bench_loader.py                                         # ~8 min on 2 cores
+    .venv/bin/python benchmarks/bench_loader.py --clips 4 --seconds 2 --repeats 1 --passes 1   # smoke (~1 min)
+
+Inputs (made once, cached in ``--work``): 640x360 H.264 clips at 30 fps with one keyframe per clip and 3
+B-frames (a textured scene panning under a moving block), the "realistic inputs" of a web crawl. They are
+sharded three ways with ``alpro shard``: ``--copy`` (the source stream as is: 360p, long GOP), the default
+transcode (short side 256, keyframe every 8, no B-frames, H.264) and the same transcode in VP9 (for DALI on
+the CPU).
+
+Every configuration delivers the same clips with the same frame indices (the loader's plan: 4 ``headtail``
+frames, the pre-training default) in one process on one core, so clips/s is clips/s/core:
+
+- ``decord_raw``: the original's way: ``decord.VideoReader(mp4, width=256, height=256)`` per raw file,
+  ``get_batch`` of the sampled frames, then the same crop / RandAugment / normalisation as the loader.
+- ``pyav_copy``, ``pyav_transcoded``: this loader's PyAV path (``num_workers=0``): the full pre-training batch
+  (frames, crop, RandAugment, PEM box and crop input, caption tokens, MLM). Loader rows time their second pass
+  (steady state: worker start-up and pipeline build excluded); that pass is the next epoch, so its frame
+  indices are other draws of the same sampler.
+- ``dali_cpu_vp9``: the same loader with ``decoder: dali`` on the VP9 shards, one DALI thread.
+- ``decode_only_copy``, ``decode_only_transcoded``: the limit: bare PyAV decoding exactly the GOPs the sampled
+  frames need (seek to the keyframe before a target unless decoding on reaches it), no RGB, no pipeline.
+- ``pyav_transcoded_2w``: the loader with 2 DataLoader workers (clips/s of the whole machine, for scaling).
+
+Configurations are interleaved per repeat and the median is reported. Results: ``results/bench_loader.json``
+and ``results/bench_loader.csv`` with the machine, versions and load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+from alpro.config import from_dict
+from alpro.data import DataConfig, build_tokenizer, build_train_loader
+from alpro.data.decode import meta_from_json
+from alpro.data.samples import read_meta
+from alpro.data.shards import Reader, resolve
+from alpro.data.transforms import ClipParams, ClipTransform
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_source(path: Path, seed: int, seconds: float, width: int = 640, height: int = 360, fps: int = 30) -> None:
+    """A long-GOP, B-frame H.264 clip: a textured scene panning under a moving block (detail a codec must code)."""
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 256, size=(height // 8 + 8, width // 8 + 64, 3), dtype=np.uint8)
+    texture = np.kron(texture, np.ones((8, 8, 1), dtype=np.uint8))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "20", "x264-params": "keyint=250:bframes=3:threads=1"}
+        for i in range(int(seconds * fps)):
+            x = (i * 3) % (texture.shape[1] - width)
+            img = texture[:height, x : x + width].copy()
+            bx, by = (40 + i * 5) % (width - 64), (30 + i * 3) % (height - 64)
+            img[by : by + 64, bx : bx + 64] = (255 - 3 * i) % 256
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+
+def prepare(work: Path, n: int, seconds: float) -> tuple[list[Path], dict[str, Path]]:
+    """Source clips and their three shard sets (built by `alpro shard` in a subprocess, cached)."""
+    src = work / f"src_{seconds:g}s"
+    src.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for i in range(n):
+        path = src / f"clip{i:03d}.mp4"
+        if not path.exists():
+            make_source(path, seed=i, seconds=seconds)
+        clips.append(path)
+    manifest = work / f"manifest_{n}_{seconds:g}.jsonl"
+    manifest.write_text("".join(json.dumps({"id": p.stem, "video": str(p), "caption": f"a panning view {p.stem}"})
+                                + "\n" for p in clips))
+    sets = {"copy": ["--copy"], "transcoded": [], "vp9": ["--codec", "vp9"]}
+    out = {}
+    for name, args in sets.items():
+        out[name] = work / f"shards_{name}_{n}_{seconds:g}"
+        if not (out[name] / "index.json.zst").exists():
+            cmd = [sys.executable, "-m", "alpro.sharding.shard", str(manifest), str(out[name]), "--no-progress",
+                   "--workers", str(min(2, os.cpu_count() or 1)), *args]
+            subprocess.run(cmd, check=True)
+    return clips, out
+
+
+def data_config(shards: Path, decoder: str = "pyav", workers: int = 0) -> DataConfig:
+    return from_dict(DataConfig, {"train": {"video": str(shards)}, "num_frames": 4, "frame_size": 224,
+                                  "batch_size": 4, "num_workers": workers, "decoder": decoder, "dali_threads": 1,
+                                  "shuffle_block": 0})
+
+
+def run_loader(cfg: DataConfig, tokenizer, passes: int) -> tuple[float, int, dict]:
+    """Steady state: one untimed pass (starts workers / the DALI pipeline), then ``passes`` timed passes over
+    the same clips (later epochs: other frame draws of the same sampler)."""
+    loader = build_train_loader(cfg, "pretrain", tokenizer, rank=0, world_size=1, seed=0)
+    sum(len(batch) for batch in loader)
+    loader.metrics()  # reset the window
+    t0 = time.perf_counter()
+    clips = sum(len(batch) for _ in range(passes) for batch in loader)
+    return time.perf_counter() - t0, clips, loader.metrics()
+
+
+def run_decord(clips: list[Path], plan: dict[str, list[int]], params: dict[str, ClipParams],
+               passes: int) -> tuple[float, int]:
+    """The original's data path: decord per file, resized to 256x256 inside decord, then the same transform."""
+    import decord
+
+    decord.bridge.set_bridge("torch")
+    tf = ClipTransform(data_config(Path(".")), "pretrain", train=True)
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for path in clips:
+            vr = decord.VideoReader(str(path), width=256, height=256, num_threads=1)
+            frames = vr.get_batch(plan[path.stem]).permute(0, 3, 1, 2)  # (T, C, H, W) uint8
+            tf.apply(frames, params[path.stem])
+    return time.perf_counter() - t0, len(clips) * passes
+
+
+def gop_decode(data: bytes, keyframes: np.ndarray, start_pts: int, step: int, targets: list[int]) -> int:
+    """Bare PyAV: decode exactly the GOPs the targets need, forward only, no RGB. Returns frames decoded."""
+    decoded, pos = 0, -1
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        frames = None
+        for t in sorted(set(targets)):
+            kf = int(keyframes[np.searchsorted(keyframes, t, side="right") - 1])
+            if frames is None or kf > pos + 1:
+                if kf > 0:
+                    container.seek(start_pts + kf * step, stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+                pos = kf - 1
+            while pos < t:
+                frame = next(frames)
+                decoded += 1
+                pos = round((frame.pts - start_pts) / step)
+    return decoded
+
+
+def run_decode_only(shards: Path, plan: dict[str, list[int]], passes: int) -> tuple[float, int, int]:
+    shardset, reader = resolve(str(shards), "bench"), Reader()
+    clips = []
+    for gid in range(len(shardset)):
+        key, members = reader.sample(*shardset.locate(gid))
+        meta = meta_from_json(read_meta(members))
+        clips.append((members["mp4"], meta, plan[key]))
+    t0 = time.perf_counter()
+    decoded = sum(gop_decode(data, m.keyframes, m.start_pts, m.pts_per_frame, idx)
+                  for _ in range(passes) for data, m, idx in clips)
+    return time.perf_counter() - t0, len(clips) * passes, decoded
+
+
+def machine() -> dict:
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import decord
+    import nvidia.dali
+
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "host": platform.node(), "cpu": cpu,
+            "cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
+            "torch": torch.__version__, "av": av.__version__,
+            "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])), "decord": decord.__version__,
+            "dali": nvidia.dali.__version__, "numpy": np.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clips", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each source clip")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--passes", type=int, default=3, help="timed passes over the clips per configuration and repeat")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench_loader"))
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--skip-workers", action="store_true", help="skip the 2-worker run")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    clips, shards = prepare(args.work, args.clips, args.seconds)
+    tokenizer = build_tokenizer(train_texts=[f"a panning view {c.stem}" for c in clips])
+
+    # The plan (frame indices and augmentation per clip) of the transcoded loader; every configuration uses it.
+    planner = build_train_loader(data_config(shards["transcoded"]), "pretrain", tokenizer, 0, 1, seed=0)
+    items = [item for step in planner.plan() for item in step["items"]]
+    plan = {i["key"]: i["frames"] for i in items}
+    params = {i["key"]: i["clip"] for i in items}
+    if len(plan) < len(clips):
+        raise SystemExit(f"only {len(plan)} of {len(clips)} clips were sharded")
+
+    n = args.passes
+    configs = {
+        "decord_raw": lambda: run_decord(clips, plan, params, n) + (None,),
+        "pyav_copy": lambda: run_loader(data_config(shards["copy"]), tokenizer, n),
+        "pyav_transcoded": lambda: run_loader(data_config(shards["transcoded"]), tokenizer, n),
+        "dali_cpu_vp9": lambda: run_loader(data_config(shards["vp9"], decoder="dali"), tokenizer, n),
+        "decode_only_copy": lambda: run_decode_only(shards["copy"], plan, n),
+        "decode_only_transcoded": lambda: run_decode_only(shards["transcoded"], plan, n),
+    }
+    if not args.skip_workers:
+        configs["pyav_transcoded_2w"] = lambda: run_loader(data_config(shards["transcoded"], workers=2), tokenizer,
+                                                           n)
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for r in range(args.repeats):
+        for name, fn in configs.items():
+            seconds, count, extra = fn()
+            row = {"seconds": seconds, "clips": count, "clips_per_s": count / seconds}
+            if isinstance(extra, dict):
+                row["decoded_per_delivered"] = extra["decoded_per_delivered"]
+            elif isinstance(extra, int):
+                row["decoded_per_delivered"] = extra / (4 * count)
+            runs[name].append(row)
+            print(f"repeat {r + 1}/{args.repeats} {name:24s} {row['clips_per_s']:7.2f} clips/s "
+                  f"({count} clips, {seconds:.2f} s)", flush=True)
+
+    rows = []
+    for name, rs in runs.items():
+        rates = [x["clips_per_s"] for x in rs]
+        ratio = [x["decoded_per_delivered"] for x in rs if "decoded_per_delivered" in x]
+        rows.append({"config": name, "clips_per_s": round(statistics.median(rates), 3),
+                     "runs": [round(x, 3) for x in rates],
+                     "decoded_per_delivered": round(statistics.median(ratio), 3) if ratio else None})
+    by = {r["config"]: r["clips_per_s"] for r in rows}
+    goals = {
+        "pyav_transcoded_over_decord_raw": round(by["pyav_transcoded"] / by["decord_raw"], 2),
+        "pyav_transcoded_over_decode_only": round(by["pyav_transcoded"] / by["decode_only_transcoded"], 2),
+        "decoded_per_delivered_transcoded": next(r["decoded_per_delivered"] for r in rows
+                                                 if r["config"] == "pyav_transcoded"),
+    }
+    result = {"machine": machine(), "clips": args.clips, "seconds_per_clip": args.seconds, "repeats": args.repeats,
+              "passes": args.passes,
+              "frames_per_clip": 4, "sampling": "headtail", "rows": rows, "goals": goals, "runs": runs}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "bench_loader.json").write_text(json.dumps(result, indent=1))
+    with open(args.results / "bench_loader.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["config", "clips_per_s_median", "runs", "decoded_per_delivered", "date", "cpu", "loadavg_1m"])
+        for r in rows:
+            w.writerow([r["config"], r["clips_per_s"], " ".join(map(str, r["runs"])), r["decoded_per_delivered"],
+                        result["machine"]["date"], result["machine"]["cpu"], result["machine"]["loadavg_1m"]])
+    print(json.dumps({"rows": rows, "goals": goals}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
