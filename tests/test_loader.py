@@ -225,6 +225,9 @@ def test_pipe_sources_stream_and_resume_exactly_with_the_same_workers(corpus, to
     for want, got in zip(full[3:], _run(resumed, 3)):
         assert got.keys == want.keys and torch.equal(got.video, want.video)
     assert all(k.startswith("v") for b in full for k in b.keys) and full[0].pem_box is not None
+    texts = corpus_texts(cfg, "pretrain", limit=5)  # tokenizer corpus from a stream: front to back
+    assert len(texts) == 5 * 6 and texts[:3] == ["clip number 0 shows a moving square", "caption two of clip 0",
+                                        "what color is thing 0 0"]
     without_index = make_cfg(corpus, train={"video": f"pipe:cat {video}/shard-000000.tar", "image": None})
     with pytest.raises(AlproError, match="video_index"):
         build_train_loader(without_index, "pretrain", tok, 0, 1, seed=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,8 +27,17 @@ from alpro.data.batch import Batch
 from alpro.data.config import DataConfig
 from alpro.data.pem import crop_video
 from alpro.data.plan import EvalPlan, ItemTable, Task, TrainPlan, choose_source
-from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader, count_subitems, qa_of, read_meta
-from alpro.data.shards import MEDIA_IMAGE, MEDIA_UNKNOWN, MEDIA_VIDEO, Reader, SampleError, ShardSet, resolve
+from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader, captions_of, count_subitems, qa_of, read_meta
+from alpro.data.shards import (
+    MEDIA_IMAGE,
+    MEDIA_UNKNOWN,
+    MEDIA_VIDEO,
+    Reader,
+    SampleError,
+    ShardSet,
+    resolve,
+    stream_samples,
+)
 from alpro.errors import AlproError
 
 LOG = logging.getLogger("alpro.data")
@@ -55,21 +65,41 @@ def task_sources(cfg: DataConfig, task: str, split: str) -> list[tuple[str, Any,
     return out
 
 
-def _heads(shardset: ShardSet, ids: np.ndarray, fn) -> list:
-    """``fn(members)`` over the small members of samples ``ids``, read in parallel threads (I/O bound)."""
+def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int | None = None) -> list:
+    """``fn(members)`` over the small members (json, txt) of samples ``ids`` (default: all, or ``limit`` spread
+    evenly over the set), read in parallel threads (I/O bound); None where a sample cannot be read. Streaming
+    sets are read front to back up to ``limit`` samples."""
+    if shardset.streaming:
+        out: list = []
+        for shard in shardset.shards:
+            for _, members in stream_samples(shard.url, on_error=lambda exn: None):
+                out.append(_try(fn, members))
+                if limit is not None and len(out) >= limit:
+                    return out
+        return out
+    n = len(shardset)
+    if ids is None:
+        ids = np.arange(n) if limit is None or limit >= n else np.linspace(0, n - 1, limit).astype(np.int64)
+    local = threading.local()
 
     def one(gid: int):
-        reader = Reader()
+        if not hasattr(local, "reader"):
+            local.reader = Reader()
         try:
             shard, j = shardset.locate(int(gid))
-            return fn(reader.head(shard, j))
-        except (SampleError, ValueError):
+            return fn(local.reader.head(shard, j))
+        except SampleError:
             return None
-        finally:
-            reader.close()
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(one, ids, chunksize=64))
+
+
+def _try(fn, members):
+    try:
+        return fn(members)
+    except SampleError:
+        return None
 
 
 def item_table(shardset: ShardSet, kind: str, task: str, train: bool, cfg: DataConfig) -> tuple[ItemTable, int]:
@@ -82,7 +112,7 @@ def item_table(shardset: ShardSet, kind: str, task: str, train: bool, cfg: DataC
     per_caption = task == "retrieval" and train and cfg.retrieval_items == "per_caption" and not cfg.paragraph
     if not (task == "qa" or per_caption):
         return ItemTable(shardset, ids, np.full(len(ids), -1, np.int32)), 0
-    counts = np.array([c or 0 for c in _heads(shardset, ids, lambda m: count_subitems(task, m))], dtype=np.int64)
+    counts = np.array([c or 0 for c in map_heads(shardset, lambda m: count_subitems(task, m), ids)], dtype=np.int64)
     sample = np.repeat(ids, counts)
     sub = np.concatenate([np.arange(c, dtype=np.int32) for c in counts] or [np.zeros(0, np.int32)])
     return ItemTable(shardset, sample, sub), int((counts == 0).sum())
@@ -382,13 +412,16 @@ def _flat_specs(cfg: DataConfig, task: str, split: str) -> list[str]:
 def build_answer_vocab(train_source: str | list[str] | DataConfig, top_k: int = 1500) -> dict[str, int]:
     """QA answer vocabulary: the ``top_k`` most frequent answers of the training shards -> label index
     (most frequent first, ties alphabetical). Accepts a shard spec or a DataConfig (its train.video)."""
-    spec = train_source.train.video if isinstance(train_source, DataConfig) else train_source
+    if isinstance(train_source, DataConfig):
+        spec, index = train_source.train.video, train_source.train.video_index
+    else:
+        spec, index = train_source, None
     if spec is None:
         raise AlproError("build_answer_vocab: no training shards given")
-    shardset = resolve(spec, "qa answers")
+    shardset = resolve(spec, "qa answers", index)
+    answers_of = lambda m: [str(p.get("answer", "")).strip() for p in qa_of(read_meta(m))]  # noqa: E731
     counts: Counter = Counter()
-    for answers in _heads(shardset, np.arange(len(shardset)), lambda m: [str(p.get("answer", "")).strip()
-                                                                          for p in qa_of(read_meta(m))]):
+    for answers in map_heads(shardset, answers_of):
         counts.update(a for a in (answers or []) if a)
     if not counts:
         raise AlproError(f"build_answer_vocab: no QA answers in {spec}")
@@ -396,20 +429,18 @@ def build_answer_vocab(train_source: str | list[str] | DataConfig, top_k: int = 
     return {answer: i for i, (answer, _) in enumerate(ranked)}
 
 
-def corpus_texts(cfg: DataConfig, task: str, limit: int | None = None) -> list[str]:
-    """Captions (and QA questions and answers) of the training shards, for training a tokenizer."""
+def corpus_texts(cfg: DataConfig, task: str, limit: int | None = 200_000) -> list[str]:
+    """Captions, QA questions and answers of the training shards, for training a tokenizer: at most ``limit``
+    samples per source, spread evenly over the set (None = all). 200k captions give a stable WordPiece
+    vocabulary; reading every sample of a multi-million set would cost minutes of I/O for nothing."""
+
+    def texts_of(members: dict[str, bytes]) -> list[str]:
+        meta = read_meta(members)
+        qa = [str(p.get(f, "")) for p in qa_of(meta) for f in ("question", "answer")]
+        return captions_of(meta, members) + qa
+
     texts: list[str] = []
     for kind, spec, index, _ in task_sources(cfg, task, "train"):
-        shardset = resolve(spec, f"data.train.{kind}", index)
-        ids = np.arange(len(shardset) if limit is None else min(limit, len(shardset)))
-
-        def texts_of(members):
-            meta = read_meta(members)
-            pairs = qa_of(meta)
-            from alpro.data.samples import captions_of
-
-            return captions_of(meta, members) + [str(p.get(f, "")) for p in pairs for f in ("question", "answer")]
-
-        for found in _heads(shardset, ids, texts_of):
+        for found in map_heads(resolve(spec, f"data.train.{kind}", index), texts_of, limit=limit):
             texts.extend(t for t in (found or []) if t)
     return texts

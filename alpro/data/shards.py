@@ -19,6 +19,7 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -323,6 +324,21 @@ def scan_tar(path: str) -> Shard:
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def stream_samples(url: str, on_error) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of a tar read front to back (``pipe:`` commands, any URL webdataset opens). A truncated
+    or corrupt tail ends the shard: ``on_error(exception)`` is called and the iteration stops."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        on_error(exn)
+        return False
+
+    for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+        key = sample["__key__"].rsplit("/", 1)[-1]
+        yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+
 class Reader:
     """Positioned reads of sample byte ranges with a few open files kept per process (LRU)."""
 
@@ -374,7 +390,7 @@ class Reader:
         return key, members
 
     def head(self, shard: Shard, j: int, exts: tuple[str, ...] = ("json", "txt"),
-             probe: int = 65536) -> dict[str, bytes]:
+             probe: int = 8192) -> dict[str, bytes]:
         """Only the small members ``exts`` of sample j, without reading its media: one read of the first
         ``probe`` bytes (where this project's shards keep json and txt), then only headers and wanted data."""
         url, offset, size = shard.url, int(shard.offsets[j]), int(shard.sizes[j])

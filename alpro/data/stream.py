@@ -25,24 +25,11 @@ from alpro.data.loader import MetricsWindow, task_sources
 from alpro.data.pem import crop_video
 from alpro.data.plan import ORDER, ItemTable, Task, choose_source, rng
 from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader
-from alpro.data.shards import SampleError, ShardSet, resolve
+from alpro.data.shards import SampleError, ShardSet, resolve, stream_samples
 from alpro.errors import AlproError
 
 LOG = logging.getLogger("alpro.data")
 STATE_VERSION = 1
-
-
-def _samples(command: str, counts: BatchStats) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) of a tar stream; a truncated or corrupt tail ends the shard and is counted."""
-    import webdataset as wds
-
-    def handler(exn: Exception) -> bool:
-        counts.skips["truncated_tar"] += 1
-        return False  # stop this shard; the next draw continues
-
-    for sample in wds.tarfile_samples([{"url": command}], handler=handler):
-        key = sample["__key__"].rsplit("/", 1)[-1]
-        yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
 
 
 class _ShardStream(IterableDataset):
@@ -63,7 +50,8 @@ class _ShardStream(IterableDataset):
         g = rng(self.seed, self.source, ORDER, self.rank, worker, workers, k, 1)
         pool: list = []
         start = int(self.shardset.starts[shard])
-        for j, (key, members) in enumerate(_samples(self.shardset.shards[shard].url, stats)):
+        on_error = lambda exn: stats.skips.update(["truncated_tar"])  # noqa: E731
+        for j, (key, members) in enumerate(stream_samples(self.shardset.shards[shard].url, on_error)):
             pool.append((start + j, key, members))
             if len(pool) >= self.buffer:
                 yield pool.pop(int(g.integers(len(pool))))
