@@ -192,8 +192,9 @@ class DataConfig:
             raise ValueError("num_workers must be >= 0, prefetch_factor and dali_threads >= 1, decoder_threads >= 0")
         if self.shuffle_block < 0 or self.max_replacements < 1 or self.stream_buffer < 1:
             raise ValueError("shuffle_block must be >= 0, max_replacements and stream_buffer >= 1")
-        if self.pem.patch_size > self.frame_size:
-            raise ValueError(f"pem.patch_size ({self.pem.patch_size}) exceeds frame_size ({self.frame_size})")
+        if self.frame_size % self.pem.patch_size:
+            raise ValueError(f"frame_size ({self.frame_size}) must be a multiple of pem.patch_size "
+                             f"({self.pem.patch_size}): PEM boxes live on the patch grid")
 
     # Derived values, one place for the task-dependent defaults.
 

@@ -138,9 +138,6 @@ class _TaskDataset(torch.utils.data.Dataset):
         except AlproError as e:  # handed to the main process, which raises it as one clear line
             return "error", task, str(e), None, None
 
-    def __len__(self) -> int:  # never used for sampling; DataLoader only needs it to exist for map-style
-        return 0
-
 
 class _TaskStream:
     """The DataLoader's sampler: yields the tasks the loader set up for the current pass."""

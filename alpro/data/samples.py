@@ -105,7 +105,6 @@ class Prepared:
     box: tuple[int, int, int, int] | None = None  # PEM (top, left, h, w)
     answer: str | None = None
     answer_type: str | None = None
-    probed: bool = False
 
     def describe(self) -> dict:
         """Everything that decides the item's pixels and text, as plain data (for plan() / resume tests)."""
@@ -142,7 +141,7 @@ class ItemLoader:
 
     @property
     def reader(self) -> Reader:
-        """One reader (open file handles) per process: DataLoader workers must not share descriptors' offsets."""
+        """One reader per process: open files (and fsspec handles) belong to the process that opened them."""
         if self._reader is None or self._pid != os.getpid():
             self._reader, self._pid = Reader(), os.getpid()
         return self._reader
@@ -167,8 +166,8 @@ class ItemLoader:
         self._text(out, meta, members, sub, draw(TEXT))
         if media == "video":
             vmeta = meta_from_json(meta)
-            if vmeta is None:  # foreign sample: probe packets once (no decoding)
-                vmeta, out.probed = probe(data), True
+            if vmeta is None:  # foreign sample: probe its packets (no decoding)
+                vmeta = probe(data)
             elif indexed_frames >= 0 and indexed_frames != vmeta.num_frames:
                 raise SampleError("bad_metadata", f"index says {indexed_frames} frames, json {vmeta.num_frames}")
             out.vmeta = vmeta
