@@ -296,6 +296,9 @@ class Loader:
                 collate_fn=_identity, worker_init_fn=_worker_init if workers else None,
                 prefetch_factor=self.cfg.prefetch_factor if workers else None, persistent_workers=workers > 0,
                 multiprocessing_context=context,
+                # Its own generator: creating an iterator must not draw from the global torch RNG, or a resumed
+                # run (which restores that RNG) would see different dropout / VTM draws than the original run.
+                generator=torch.Generator().manual_seed(self.seed),
             )
         return self._dataloader
 

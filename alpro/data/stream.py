@@ -148,7 +148,8 @@ class StreamLoader:
                                self.batch_size, self.cfg.stream_buffer, self._state["positions"][source])
         workers = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
-                            prefetch_factor=self.cfg.prefetch_factor if workers else None)
+                            prefetch_factor=self.cfg.prefetch_factor if workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))  # keep the global RNG untouched
         return iter(loader)
 
     def _next(self, source: int, streams: dict, stash: dict):
