@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alpro.data.batch import Batch
