@@ -125,7 +125,8 @@ def build_ds_config(
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = micro_batch * grad_accum * world_size
-    ds["gradient_clipping"] = float(grad_clip)
+    # ZeRO-0: the trainer clips (DeepSpeed's stage-0 clipping breaks on 0-d parameters); else DeepSpeed does.
+    ds["gradient_clipping"] = float(grad_clip) if zero_stage > 0 else 0.0
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
     ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
     zero = dict(ds.get("zero_optimization", {}))

@@ -69,6 +69,7 @@ class Trainer:
         self.samples_seen = 0
         self.skipped = 0
         self.eval_history: list[dict[str, Any]] = []
+        self._dense_grad_norm: float | None = None
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -204,6 +205,7 @@ class Trainer:
         """One optimizer step = grad_accum micro-batches. Returns averaged scalars, or None if skipped."""
         cfg = self.cfg
         sums: dict[str, float] = {}
+        lr = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.optim.lr  # this step's
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -217,7 +219,7 @@ class Trainer:
                 return None
             self.engine.backward(out["loss"])
             if cfg.train.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                self._check_dense_grads()
+                self._clip_dense_grads()
             self.engine.step()
             window.clips += len(batch) * self.world
             self.samples_seen += len(batch) * self.world
@@ -229,8 +231,8 @@ class Trainer:
             self._on_nonfinite("gradients (non-finite gradient norm)")
             return None
         scalars = {f"train/{k}": v / cfg.train.grad_accum for k, v in sums.items()}
-        scalars["train/lr"] = float(self.scheduler.get_last_lr()[0]) if self.scheduler is not None else cfg.optim.lr
-        gnorm = self.engine.get_global_grad_norm()
+        scalars["train/lr"] = lr
+        gnorm = self._dense_grad_norm if cfg.train.zero_stage == 0 else self.engine.get_global_grad_norm()
         if gnorm is not None:
             scalars["train/grad_norm"] = float(gnorm)
         return scalars
@@ -243,10 +245,14 @@ class Trainer:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return [n for n, f in zip(names, flags.tolist()) if f > 0]
 
-    def _check_dense_grads(self) -> None:
-        """ZeRO-0 has no overflow check: look at the (already all-reduced) gradients ourselves."""
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
+    def _clip_dense_grads(self) -> None:
+        """ZeRO-0: clip the (already all-reduced) gradients here and check them. DeepSpeed's own stage-0 clipping
+        fails on 0-d parameters (the temperature) and has no overflow check in fp32/bf16."""
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        self._dense_grad_norm = float(norm)
+        if not math.isfinite(self._dense_grad_norm):
             self._on_nonfinite("gradients")
             self.engine.optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without gradients
 
@@ -337,13 +343,18 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+_FAULTS_FIRED: set[str] = set()
+
+
 def _inject_fault(out: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-    """Fault injection for tests of the non-finite guard: ``ALPRO_FAULT_NAN=STEP:LOSS`` makes LOSS NaN at STEP."""
+    """Fault injection for tests of the non-finite guard: ``ALPRO_FAULT_NAN=STEP:LOSS`` makes LOSS NaN once, at
+    the first micro-batch of optimizer step STEP."""
     spec = os.environ.get("ALPRO_FAULT_NAN")
-    if not spec:
+    if not spec or spec in _FAULTS_FIRED:
         return out
     at, _, name = spec.partition(":")
     if int(at) == step + 1 and name in out:
+        _FAULTS_FIRED.add(spec)
         out = dict(out)
         nan = out[name] * float("nan")
         out["loss"] = out["loss"] + nan
