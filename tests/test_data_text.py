@@ -53,3 +53,21 @@ def test_mlm_masking_statistics_match_the_reference_collator(tmp_path):
     assert abs((selected & ~to_mask & ~kept).sum() / n - 0.1) < 0.02 and abs(kept.sum() / n - 0.1) < 0.02
     again, _ = mask_tokens(ids, tok, 0.15, torch.Generator().manual_seed(0))
     assert torch.equal(again, masked)  # reproducible from the generator
+
+
+def test_trained_vocabulary_is_the_same_in_every_process(tmp_path):
+    """A restarted run (or another rank) must get the vocabulary the first process built."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys; from alpro.data import build_tokenizer; "
+              "print(json.dumps(build_tokenizer(train_texts=json.loads(sys.argv[1]), vocab_size=60).get_vocab(), "
+              "sort_keys=True))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}  # another process with another hash seed
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(CORPUS)], env=env, check=True,
+                         capture_output=True, text=True)
+    other = json.loads(out.stdout.strip().splitlines()[-1])
+    assert other == build_tokenizer(train_texts=CORPUS, vocab_size=60).get_vocab()
+    assert len(other) >= 60  # every character is kept even when the budget is small

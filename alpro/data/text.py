@@ -1,8 +1,8 @@
 """Text side of the loader: the WordPiece tokenizer, padded encoding and the reference MLM masking.
 
-The paper uses bert-base-uncased's tokenizer. Offline, without that directory, :func:`build_tokenizer` trains
-a lower-casing WordPiece vocabulary (same algorithm, same special tokens) on the corpus texts plus the words
-of the 24 PEM prompt templates, so prompts never tokenize to [UNK], and saves it with the run.
+The paper uses bert-base-uncased's tokenizer. Offline, without that directory, :func:`build_tokenizer` builds
+a lower-casing WordPiece vocabulary (BERT's tokenizer class and special tokens) from the corpus texts plus the
+words of the 24 PEM prompt templates, so prompts never tokenize to [UNK], and saves it with the run.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import string
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,10 +37,9 @@ def build_tokenizer(
     vocab_size: int = 30522,
 ) -> BertTokenizerFast:
     """The run's tokenizer: ``tokenizer_dir`` if given (a Hugging Face directory such as bert-base-uncased),
-    else the one already saved in ``save_dir`` (a resumed run), else a WordPiece vocabulary of about
-    ``vocab_size`` tokens trained on ``train_texts`` and saved to ``save_dir`` with ``save_pretrained``. The
-    trained vocabulary also holds every ASCII letter, digit and punctuation mark (alone and as a ``##``
-    continuation), so unseen ASCII words split into pieces instead of becoming [UNK]."""
+    else the one already saved in ``save_dir`` (a resumed run), else a WordPiece vocabulary of at most
+    ``vocab_size`` tokens (more only if the corpus has more distinct characters) built from ``train_texts``
+    (:func:`_word_vocab`, the same in every process) and saved to ``save_dir`` with ``save_pretrained``."""
     if tokenizer_dir is not None:
         return _load(Path(tokenizer_dir))
     if save_dir is not None and _is_tokenizer_dir(Path(save_dir)):
@@ -49,20 +49,35 @@ def build_tokenizer(
     texts = [t for t in train_texts if t and t.strip()]
     if not texts:
         raise AlproError("cannot train a tokenizer: the corpus has no captions or questions")
-    from tokenizers import BertWordPieceTokenizer
-
-    wordpiece = BertWordPieceTokenizer(lowercase=True, clean_text=True, handle_chinese_chars=True)
     prompt_words = [t.format("") for t in VIDEO_PROMPT_TEMPLATES + IMAGE_PROMPT_TEMPLATES]
-    wordpiece.train_from_iterator(texts + prompt_words, vocab_size=vocab_size, min_frequency=1,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
-    vocab = wordpiece.get_vocab()
-    for char in _ALPHABET:  # every letter, digit and punctuation mark, word-initial and inside a word
-        for piece in (char, "##" + char):
-            vocab.setdefault(piece, len(vocab))
+    vocab = _word_vocab(texts + prompt_words, vocab_size)
     tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     if save_dir is not None:
         _save_atomic(tokenizer, Path(save_dir))
     return tokenizer
+
+
+def _word_vocab(texts: list[str], vocab_size: int) -> dict[str, int]:
+    """A deterministic WordPiece vocabulary: the special tokens, every character of the corpus and of ASCII
+    (alone and as a ``##`` continuation, so nothing becomes [UNK]), then whole words by falling frequency
+    (ties alphabetical) up to ``vocab_size``. Words are split exactly as BertTokenizerFast will split them
+    (BERT normaliser, lower-casing with accent stripping, BERT pre-tokenizer).
+
+    Why not ``tokenizers``' WordPiece trainer: it breaks frequency ties differently in every process (measured:
+    three runs on the same texts, three different vocabularies), so a resumed or second run would not get the
+    vocabulary the first one trained with. Rare words split into known prefixes and characters."""
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, pre_tokenizer = BertNormalizer(lowercase=True), BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted(set(_ALPHABET) | {c for word in counts for c in word})
+    pieces = SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    pieces += words[: max(0, vocab_size - len(pieces))]
+    return {piece: i for i, piece in enumerate(pieces)}
 
 
 def _is_tokenizer_dir(path: Path) -> bool:
