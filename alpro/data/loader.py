@@ -225,13 +225,14 @@ class Loader:
 
     def state_dict(self) -> dict:
         """Position of the next batch: small (a few integers), valid for any worker count."""
-        return {"version": STATE_VERSION, "task": self.task, "seed": self.seed, "rank": self.rank,
+        return {"version": STATE_VERSION, "mode": "indexed", "task": self.task, "seed": self.seed, "rank": self.rank,
                 "world_size": self.world, "batch_size": self.batch_size, "kinds": list(self.kinds),
                 "step": self._state["step"], "sources": [list(p) for p in self._state["sources"]]}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise AlproError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state.get("version") != STATE_VERSION or state.get("mode") != "indexed":
+            raise AlproError(f"loader state (version {state.get('version')}, mode {state.get('mode')}) is not an "
+                             f"indexed-loader state of version {STATE_VERSION}: were the sources changed?")
         mismatched = [k for k in ("task", "seed", "world_size", "batch_size", "kinds")
                       if state.get(k) != (list(self.kinds) if k == "kinds" else getattr(self, _ATTR[k]))]
         if mismatched:
