@@ -45,7 +45,9 @@ class Batch:
     # Evaluation: every caption of each clip (retrieval ground truth; DiDeMo paragraph mode joins them).
     all_texts: list[list[str]] | None = None
 
-    # DALI cannot drop a sample inside a batch: placeholders for undecodable clips carry valid=False.
+    # Evaluation batches: False for the padding that evens out the ranks' last batches and for clips that could
+    # not be decoded (evaluation never substitutes a clip). Training batches are always full (bad samples are
+    # replaced by the plan's next item, with DALI too: a failed DALI batch is re-decoded by PyAV): None.
     valid: torch.Tensor | None = None  # (B,) bool
 
     def __len__(self) -> int:
