@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -222,18 +220,13 @@ def test_deepspeed_launcher_and_torchrun_script(tiny_shards, tmp_path):
 # ------------------------------------------------------------------------------------------ resume
 
 
-def _kill_after_checkpoint(cmd: list[str], run: Path, step: int) -> None:
-    """Start training, SIGKILL the whole process group once checkpoint ``step`` is complete."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    target = run / "checkpoints" / f"step-{step:08d}" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not target.exists():
-        assert proc.poll() is None, "training ended before the checkpoint to kill after"
-        assert time.time() < deadline, "timed out waiting for the checkpoint"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def _kill_after_checkpoint(stage: str, run: Path, shards, *extra: str, nproc: int, step: int) -> None:
+    """Train, and SIGKILL every training process right after checkpoint ``step`` is complete (the trainer's
+    ALPRO_FAULT_KILL_AFTER_SAVE hook: deterministic, unlike racing a fast run from outside)."""
+    proc = train(stage, run, shards, *extra, nproc=nproc, env={"ALPRO_FAULT_KILL_AFTER_SAVE": str(step)},
+                 check=False)
+    assert proc.returncode != 0, "the run was not killed"
+    assert (run / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").is_file()
 
 
 @pytest.mark.parametrize("nproc", [1, 2], ids=["fp32-1proc", "zero2-2proc"])
@@ -242,8 +235,8 @@ def test_kill9_then_resume_gives_the_same_loss_curve(tiny_shards, tmp_path, npro
     ref = tmp_path / "ref"
     train("prompter", ref, tiny_shards, *extra, nproc=nproc)
     run = tmp_path / "killed"
-    _kill_after_checkpoint(trainer_cmd("prompter", run, tiny_shards, *extra, nproc=nproc), run, step=4)
-    assert not (run / "final").exists()
+    _kill_after_checkpoint("prompter", run, tiny_shards, *extra, nproc=nproc, step=4)
+    assert not (run / "final").exists() and len(losses(run)) == 4
     train("prompter", run, tiny_shards, *extra, "--train.resume", "auto", nproc=nproc)
     assert "resuming from" in (run / "train.log").read_text()
     assert losses(run) == losses(ref)  # bit-identical: same batches, RNG, optimizer state

@@ -117,9 +117,7 @@ class EvalConfig:
     VTM logit + cosine."""
     k_test: int = 128
     batch_size: int = 64
-    """Fusion passes per forward during scoring."""
-    paragraph: bool = False
-    """DiDeMo paragraph-to-video: all captions of a clip joined into one query."""
+    """Fusion passes per forward during scoring. (DiDeMo's paragraph-to-video queries: ``data.paragraph``.)"""
 
 
 @dataclass
@@ -143,6 +141,15 @@ class RunConfig:
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     qa: QAConfig = field(default_factory=QAConfig)
+
+    def __post_init__(self) -> None:
+        vision = self.model.vision
+        if self.data.frame_size != vision.image_size:
+            raise ValueError(f"data.frame_size ({self.data.frame_size}) must equal model.vision.image_size "
+                             f"({vision.image_size})")
+        if self.data.pem.patch_size != vision.patch_size:
+            raise ValueError(f"data.pem.patch_size ({self.data.pem.patch_size}) must equal model.vision.patch_size "
+                             f"({vision.patch_size}): PEM boxes are snapped to the encoder's patch grid")
 
 
 def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

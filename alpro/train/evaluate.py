@@ -108,7 +108,7 @@ def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, spl
     protocol = protocol or cfg.eval.protocol
     loader = build_eval_loader(cfg.data, "retrieval", tokenizer, rank, world, split=split, seed=cfg.seed)
     emb, gt, keys = retrieval_embeddings(model, loader, tokenizer, cfg.data.max_text_len, device,
-                                         paragraph=cfg.eval.paragraph or cfg.data.paragraph, progress=progress)
+                                         paragraph=cfg.data.paragraph, progress=progress)
     n_videos, n_texts = emb.video_feat.shape[0], emb.text_feat.shape[0]
     out: dict[str, float] = {"n_videos": float(n_videos), "n_texts": float(n_texts),
                              "chance_r1": 100.0 / n_videos, "chance_r5": min(100.0, 500.0 / n_videos),

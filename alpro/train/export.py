@@ -56,15 +56,23 @@ def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[s
     tmp.replace(path)
 
 
-def export_final(ckpt: Path, final_dir: Path, cfg, model, tokenizer, answer_vocab: dict[str, Any] | None) -> Path:
-    """Write ``final/`` for a finished run (rank 0 only)."""
-    from alpro.models import save_safetensors
+def export_final(ckpt: Path, final_dir: Path, cfg, task: str, tokenizer, answer_vocab: dict[str, Any] | None,
+                 num_entities: int | None = None) -> Path:
+    """Write ``final/`` for a finished run (rank 0 only): the consolidated fp32 master weights (not the possibly
+    bf16, possibly ZeRO-3-partitioned module copy) loaded into a fresh model, then saved through it so the file
+    carries its config and task, stores tied weights once and has the model's own parameter shapes."""
+    from alpro.models import build_model, save_safetensors
     from alpro.train.config import dump_config
 
     final_dir.mkdir(parents=True, exist_ok=True)
-    # The consolidated fp32 master weights (not the possibly bf16 module copy), saved through the model so the
-    # file carries its config and task and stores tied weights once.
-    model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
+    model = build_model(cfg.model, task, vocab_size=len(tokenizer),
+                        num_answers=len(answer_vocab) if answer_vocab else None, num_entities=num_entities)
+    target = model.state_dict()
+    state = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v
+             for k, v in consolidated_state_dict(ckpt).items()}  # 1-element vectors back to 0-d (runtime.py)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise AlproError(f"{ckpt}: checkpoint lacks {len(result.missing_keys)} weights, e.g. {result.missing_keys[:3]}")
     save_safetensors(model, final_dir / "model.safetensors", {"stage": cfg.stage})
     (final_dir / "config.yaml").write_text(dump_config(cfg))
     tokenizer.save_pretrained(str(final_dir / "tokenizer"))

@@ -140,30 +140,16 @@ def build_ds_config(
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict[str, Any]):
     import deepspeed
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    # DeepSpeed 0.19 broadcasts every parameter as `p.data.view(torch.uint8)` when the engine is built, which
-    # raises for 0-d parameters such as ALPRO's learnable temperature. During that broadcast only (before the
-    # ZeRO optimizer records parameter shapes), 0-d parameters are seen as 1-element vectors.
-    original = DeepSpeedEngine._broadcast_model
-
-    def broadcast_model(self) -> None:
-        scalars = [p for p in self.module.parameters() if p.dim() == 0]
-        for p in scalars:
+    # DeepSpeed 0.19 broadcasts (ZeRO 0-2) and partitions (ZeRO-3) parameters through `p.data.view(torch.uint8)`,
+    # which raises for 0-d parameters such as ALPRO's learnable temperature. Under the engine they live as
+    # 1-element vectors (the model's maths broadcasts either way); exported weights get the model's own shapes
+    # back (alpro/train/export.py).
+    for p in model.parameters():
+        if p.dim() == 0:
             p.data = p.data.reshape(1)
-        try:
-            original(self)
-        finally:
-            for p in scalars:
-                p.data = p.data.reshape(())
-
-    DeepSpeedEngine._broadcast_model = broadcast_model
-    try:
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-        )
-    finally:
-        DeepSpeedEngine._broadcast_model = original
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     return engine, optimizer, scheduler
 
 

@@ -196,7 +196,8 @@ class Trainer:
                 self.engine.train()
             if cfg.train.save_interval and self.step % cfg.train.save_interval == 0 and self.step < self.total_steps:
                 self.save()
-        self.save()
+        if not (self.checkpoints.dir / f"step-{self.step:08d}" / "trainer_state.json").is_file():
+            self.save()  # (a run resumed from its final checkpoint has nothing new to save)
         results = self.evaluate()
         self._finish(run_start, start_step)
         return results
@@ -320,8 +321,9 @@ class Trainer:
         from alpro.train.export import export_final
 
         if self.rank == 0:
-            export_final(self.checkpoints.dir / f"step-{self.step:08d}", self.run_dir / "final", self.cfg,
-                         self.model, self.tokenizer, self.answer_vocab)
+            num_entities = getattr(self.model.cfg, "num_entities", None) if self.task == "pretrain" else None
+            export_final(self.checkpoints.dir / f"step-{self.step:08d}", self.run_dir / "final", self.cfg, self.task,
+                         self.tokenizer, self.answer_vocab, num_entities)
             assets.copy_run_assets(self.cfg, self.run_dir)
             from alpro.train.plots import plot_run
 
