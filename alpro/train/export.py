@@ -15,6 +15,7 @@ or ``alpro search`` needs: ``model.safetensors``, ``config.yaml``, ``tokenizer/`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -30,20 +31,29 @@ LOG = logging.getLogger("alpro")
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the whole model from a checkpoint directory ``.../checkpoints/step-N``."""
-    if not (ckpt / "mp_rank_00_model_states.pt").is_file():
-        raise AlproError(f"{ckpt}: not a DeepSpeed checkpoint (no mp_rank_00_model_states.pt)")
+    """fp32 state dict of the whole model from a checkpoint directory ``.../checkpoints/step-N``, with every
+    parameter in the model's own shape (0-d parameters are 1-element vectors inside the engine: runtime.py)."""
+    model_states = sorted(ckpt.glob("*model_states.pt"))
+    if not model_states:
+        raise AlproError(f"{ckpt}: not a DeepSpeed checkpoint (no *model_states.pt)")
+    trainer_state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").is_file() \
+        else {}
     stage = 0
     config = ckpt / "config.yaml"
     if config.is_file():
         stage = int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("zero_stage", 0))
-    if stage == 0 or not any(ckpt.glob("*optim_states.pt")):
+    if stage == 0:
         # Our own checkpoint: DeepSpeed pickles its config next to the weights, so weights_only=False here.
         states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+    for name in trainer_state.get("scalar_params", []):
+        if name in state:
+            state[name] = state[name].reshape(())
+    return state
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -67,18 +77,13 @@ def export_final(ckpt: Path, final_dir: Path, cfg, task: str, tokenizer, answer_
     final_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg.model, task, vocab_size=len(tokenizer),
                         num_answers=len(answer_vocab) if answer_vocab else None, num_entities=num_entities)
-    target = model.state_dict()
-    state = {k: v.reshape(target[k].shape) if k in target and v.numel() == target[k].numel() else v
-             for k, v in consolidated_state_dict(ckpt).items()}  # 1-element vectors back to 0-d (runtime.py)
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(consolidated_state_dict(ckpt), strict=False)
     if result.missing_keys:
         raise AlproError(f"{ckpt}: checkpoint lacks {len(result.missing_keys)} weights, e.g. {result.missing_keys[:3]}")
     save_safetensors(model, final_dir / "model.safetensors", {"stage": cfg.stage})
     (final_dir / "config.yaml").write_text(dump_config(cfg))
     tokenizer.save_pretrained(str(final_dir / "tokenizer"))
     if answer_vocab is not None:
-        import json
-
         (final_dir / "answer_vocab.json").write_text(json.dumps(answer_vocab, indent=1))
     if cfg.init.entities is not None and Path(cfg.init.entities).is_file():
         shutil.copyfile(cfg.init.entities, final_dir / "entities.txt")

@@ -139,18 +139,20 @@ def build_ds_config(
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict[str, Any]):
+    """``deepspeed.initialize`` -> (engine, optimizer, scheduler, names of the 0-d parameters, see below)."""
     import deepspeed
     # DeepSpeed 0.19 broadcasts (ZeRO 0-2) and partitions (ZeRO-3) parameters through `p.data.view(torch.uint8)`,
     # which raises for 0-d parameters such as ALPRO's learnable temperature. Under the engine they live as
     # 1-element vectors (the model's maths broadcasts either way); exported weights get the model's own shapes
     # back (alpro/train/export.py).
+    scalars = [name for name, p in model.named_parameters() if p.dim() == 0]
     for p in model.parameters():
         if p.dim() == 0:
             p.data = p.data.reshape(1)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    return engine, optimizer, scheduler
+    return engine, optimizer, scheduler, scalars
 
 
 def warmup_linear_schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int):
@@ -158,7 +160,10 @@ def warmup_linear_schedule(optimizer: torch.optim.Optimizer, lr: float, total_st
     ``warmup_linear``), using DeepSpeed's ``WarmupDecayLR`` so it is stepped and checkpointed by the engine."""
     from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
-    return WarmupDecayLR(
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)  # its constructor warns that the lr is read "before it has started"
+    schedule = WarmupDecayLR(
         optimizer,
         total_num_steps=max(total_steps, 1),
         warmup_min_lr=0.0,
@@ -166,3 +171,6 @@ def warmup_linear_schedule(optimizer: torch.optim.Optimizer, lr: float, total_st
         warmup_num_steps=max(warmup_steps, 1),
         warmup_type="linear",
     )
+    ds_logger.setLevel(level)
+    schedule.step()  # position 0 = the first optimizer step's lr (it starts at -1, which would repeat lr 0)
+    return schedule

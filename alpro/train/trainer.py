@@ -114,12 +114,13 @@ class Trainer:
             precision=cfg.train.precision,
             zero_stage=cfg.train.zero_stage,
         )
-        self.engine, self.optimizer, self.scheduler = runtime.build_engine(self.model, optimizer, scheduler, ds_config)
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
+        self.engine, self.optimizer, self.scheduler, self.scalar_params = runtime.build_engine(
+            self.model, optimizer, scheduler, ds_config
+        )
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_last)
         self.metrics = MetricLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard)
-
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in self.model.parameters())
         LOG.info(
             f"model {n_all / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable) | {self.total_steps} steps "
             f"({steps_per_epoch}/epoch) | batch {cfg.data.batch_size}x{self.world}x{cfg.train.grad_accum} | "
@@ -310,6 +311,7 @@ class Trainer:
             "git_sha": self.sha,
             "time": time.time(),
             "stage": self.cfg.stage,
+            "scalar_params": self.scalar_params,  # 0-d parameters DeepSpeed holds as 1-element vectors
         }
         rank_state = {"step": self.step, "rng": rng_state(), "loader": self.loader.state_dict()}
         path = self.checkpoints.save(self.engine, self.step, trainer_state, rank_state, dump_config(self.cfg))
