@@ -32,6 +32,8 @@ def _free_port() -> int:
 
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU). Returns (rank, world, local)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, without its warning
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `alpro train`: a world of one
