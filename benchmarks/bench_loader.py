@@ -34,17 +34,16 @@ import csv
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+from machine import machine_info  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 from alpro.config import from_dict
 from alpro.data import DataConfig, build_tokenizer, build_train_loader
@@ -168,20 +167,12 @@ def run_decode_only(shards: Path, plan: dict[str, list[int]], passes: int) -> tu
 
 
 def machine() -> dict:
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     import decord
     import nvidia.dali
 
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "host": platform.node(), "cpu": cpu,
-            "cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "torch": torch.__version__, "av": av.__version__,
-            "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])), "decord": decord.__version__,
-            "dali": nvidia.dali.__version__, "numpy": np.__version__}
+    return machine_info(torch=torch.__version__, av=av.__version__,
+                        libavcodec=".".join(map(str, av.library_versions["libavcodec"])), decord=decord.__version__,
+                        dali=nvidia.dali.__version__, numpy=np.__version__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,14 +30,11 @@ import argparse
 import csv
 import io
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from fractions import Fraction
 from pathlib import Path
 
@@ -45,6 +42,7 @@ import av
 import numpy as np
 import webdataset
 from av.video.reformatter import Interpolation
+from machine import machine_info  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 from alpro.sharding.media import MediaLimits, VideoSettings, output_size, transcode_video
 from alpro.sharding.shard import DEFAULT_GOP, shard_manifest
@@ -208,16 +206,8 @@ def gop_sweep(clips: list[Path], draws: int) -> list[dict]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "host": platform.node(), "cpu": cpu,
-            "cores": os.cpu_count(), "loadavg_1m": round(os.getloadavg()[0], 2), "python": platform.python_version(),
-            "av": av.__version__, "libavcodec": ".".join(map(str, av.library_versions["libavcodec"])),
-            "webdataset": webdataset.__version__, "numpy": np.__version__}
+    return machine_info(av=av.__version__, libavcodec=".".join(map(str, av.library_versions["libavcodec"])),
+                        webdataset=webdataset.__version__, numpy=np.__version__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,13 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repeat {rep} nproc {nproc}: {runs[nproc][-1]}", flush=True)
     med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in runs.items()}
     speedup = med[2]["clips_per_s"] / med[1]["clips_per_s"]
+    import deepspeed
     import torch
 
     row = {
@@ -129,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         "clips_per_s_1proc": med[1]["clips_per_s"], "clips_per_s_2proc": med[2]["clips_per_s"],
         "speedup_2v1": speedup, "data_wait_1proc": med[1]["data_wait"], "data_wait_2proc": med[2]["data_wait"],
         "mfu_2proc": gpu_mfu(args.preset, med[2]["clips_per_s"]),
-        "runs": runs, "machine": platform.machine(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-        "torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "runs": runs, **machine_info(torch=torch.__version__, deepspeed=deepspeed.__version__,
+                                     device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_train.json").write_text(json.dumps(row, indent=1))
