@@ -23,12 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         overrides += ["--train.resume", args.resume]
 
-    from alpro.train.config import dump_config, load_run_config
+    from alpro.train.config import check_inputs, dump_config, load_run_config
 
     cfg = load_run_config(args.config, overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    check_inputs(cfg)
     from alpro.train.trainer import run
 
     run(cfg)

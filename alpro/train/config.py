@@ -188,5 +188,27 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     return from_dict(RunConfig, data)
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Fail before any process group starts if a shard set or an init file named by the config is missing.
+
+    Shard specs are resolved as the loader will (directory, index, glob, brace range); ``pipe:`` commands and
+    remote URLs are checked when the loader opens them."""
+    from alpro.data.shards import resolve
+
+    for split in ("train", "val", "test"):
+        sc = cfg.data.split(split)
+        for kind, spec, index in (("video", sc.video, sc.video_index), ("image", sc.image, sc.image_index)):
+            specs = [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
+            local = [s for s in specs if not s.startswith("pipe:") and "://" not in s]
+            if local and len(local) == len(specs):
+                resolve(spec, f"data.{split}.{kind}", index)
+    for name in ("weights", "prompter", "vit", "bert", "tokenizer", "entities"):
+        path = getattr(cfg.init, name)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"init.{name}: {path} does not exist")
+    if cfg.qa.vocab is not None and not Path(cfg.qa.vocab).is_file():
+        raise ConfigError(f"qa.vocab: {cfg.qa.vocab} does not exist")
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
