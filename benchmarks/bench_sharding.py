@@ -48,7 +48,7 @@ from alpro.sharding.media import MediaLimits, VideoSettings, output_size, transc
 from alpro.sharding.shard import DEFAULT_GOP, shard_manifest
 
 RESULTS = Path(__file__).parent / "results"
-GOPS = (1, 4, 8, 16, 32, 250)
+GOPS = (1, 4, 6, 8, 16, 32, 250)
 SPARSE = (4, 8, 16)
 
 

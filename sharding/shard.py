@@ -55,7 +55,7 @@ from alpro.sharding.writer import ShardWriter, json_bytes, shard_is_complete
 
 __all__ = ["ShardOptions", "ShardSummary", "shard_manifest", "main"]
 
-DEFAULT_GOP = 8  # keyframe interval: see benchmarks/README.md "GOP sweep" and docs/sharding.md
+DEFAULT_GOP = 6  # keyframe interval: see benchmarks/README.md "GOP sweep" and docs/sharding.md
 
 
 @dataclass

@@ -21,7 +21,7 @@ from PIL import Image
 from alpro.errors import AlproError
 from alpro.sharding import writer as writer_mod
 from alpro.sharding.index import read_index
-from alpro.sharding.shard import main, shard_manifest
+from alpro.sharding.shard import DEFAULT_GOP, main, shard_manifest
 
 FAST = {"progress": False}
 
@@ -119,7 +119,7 @@ def test_metadata_is_validated_against_a_real_decode(built):
         assert len(frames) == meta["num_frames"], key
         pts = [f.pts for f in frames]
         assert pts == [meta["start_pts"] + i * meta["pts_per_frame"] for i in range(len(pts))], key
-        assert meta["keyframes"] == [i for i, p in enumerate(packets) if p.is_keyframe] == list(range(0, len(pts), 8))
+        assert meta["keyframes"] == [i for i, p in enumerate(packets) if p.is_keyframe] == list(range(0, len(pts), DEFAULT_GOP))
         assert meta["codec"] == "h264" and s.codec_context.pix_fmt == "yuv420p" and not s.codec_context.has_b_frames
         assert len(c.streams.audio) == 0 and meta["width"] % 2 == 0 and meta["height"] % 2 == 0
         assert meta["duration"] == pytest.approx(meta["num_frames"] / meta["fps"], abs=1e-6)
@@ -156,7 +156,7 @@ def test_index_offsets_and_dali_idx(built):
     index = read_index(built)
     assert index["format"] == "alpro-shards" and index["totals"]["samples"] == 9
     assert index["totals"]["images"] == 2 and index["totals"]["videos"] == 7 and index["totals"]["rejected"] == 0
-    assert index["options"]["gop"] == 8 and index["options"]["codec"] == "h264"
+    assert index["options"]["gop"] == DEFAULT_GOP and index["options"]["codec"] == "h264"
     for entry in index["shards"]:
         raw = (built / entry["file"]).read_bytes()
         assert entry["bytes"] == len(raw)
@@ -295,7 +295,7 @@ def test_crash_between_tar_and_stats_rename_is_recovered(corpus, built, tmp_path
 def test_other_options_into_same_dir_is_an_error(corpus, built, tmp_path):
     out = tmp_path / "mix"
     shutil.copytree(built, out)
-    with pytest.raises(AlproError, match=r"options\.gop: 8 -> 4"):
+    with pytest.raises(AlproError, match=rf"options\.gop: {DEFAULT_GOP} -> 4"):
         shard_manifest(corpus / "manifest.jsonl", out, shard_size=4, gop=4, **FAST)
 
 
