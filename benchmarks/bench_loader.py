@@ -6,7 +6,7 @@
 Inputs (made once, cached in ``--work``): 640x360 H.264 clips at 30 fps with one keyframe per clip and 3
 B-frames (a textured scene panning under a moving block), the "realistic inputs" of a web crawl. They are
 sharded three ways with ``alpro shard``: ``--copy`` (the source stream as is: 360p, long GOP), the default
-transcode (short side 256, keyframe every 8, no B-frames, H.264) and the same transcode in VP9 (for DALI on
+transcode (short side 256, keyframe every 6, no B-frames, H.264) and the same transcode in VP9 (for DALI on
 the CPU).
 
 Every configuration delivers the same clips with the same frame indices (the loader's plan: 4 ``headtail``

@@ -9,7 +9,7 @@ so motion search and rate control do real work), 30 fps, one keyframe per clip a
 downloaded" case the sharder exists for.
 
 Throughput (medians of ``--repeats`` runs, same inputs, same output settings: 256 px short side, H.264 CRF 23,
-preset veryfast, keyframe every 8, no B-frames, one encoder thread):
+preset veryfast, keyframe every 6 (the default), no B-frames, one encoder thread):
 
 * ``bare``: a minimal PyAV loop (decode -> scale -> encode into memory), one process: the cost floor.
 * ``shard_w1`` / ``shard_w2``: ``alpro shard`` with 1 and 2 worker processes, writing shards to disk, including
