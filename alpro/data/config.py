@@ -157,6 +157,12 @@ class DataConfig:
     ``auto`` = gpu when CUDA is available."""
     dali_threads: int = 4
     """DALI CPU threads (parsing, demuxing, CPU decoding)."""
+    dali_reader: Literal["plan", "webdataset"] = "plan"
+    """How DALI gets its clips when it decodes: ``plan`` = the loader's global plan feeds ``external_source``
+    (one order, one resume state, one replacement rule for both decoders); ``webdataset`` = DALI's
+    ``fn.readers.webdataset`` reads the shards and the whole video path runs in DALI
+    (:mod:`alpro.data.dali_reader`): DALI's own order, resumable with the same world size only. Ignored when
+    PyAV decodes."""
     decoder_threads: int = 1
     """FFmpeg threads per PyAV decode. 1 is best inside several workers; raise it with few workers and
     large frames."""
@@ -170,7 +176,8 @@ class DataConfig:
     max_replacements: int = 16
     """A bad sample is replaced by the next sample of the plan; this many failures in a row is an error."""
     stream_buffer: int = 256
-    """Streaming sources (``pipe:``): per-worker shuffle buffer in samples."""
+    """Streaming sources (``pipe:``): per-worker shuffle buffer in samples. Also the shuffle buffer
+    (``initial_fill``) of DALI's webdataset reader with ``dali_reader: webdataset``."""
 
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     pem: PemConfig = field(default_factory=PemConfig)

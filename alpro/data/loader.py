@@ -387,7 +387,12 @@ class MetricsWindow:
 def build_train_loader(cfg: DataConfig, task: str, tokenizer, rank: int, world_size: int, seed: int,
                        answer_vocab: dict[str, int] | None = None):
     """The training loader of ``task`` on this rank: deterministic, resumable (state_dict / load_state_dict),
-    batches of ``cfg.batch_size`` on every rank, drop-last per epoch. ``pipe:`` sources stream instead."""
+    batches of ``cfg.batch_size`` on every rank, drop-last per epoch. ``pipe:`` sources stream instead; with
+    ``data.dali_reader: webdataset`` and DALI decoding, DALI's reader reads the video shards."""
+    if _dali_reader_mode(cfg):
+        from alpro.data.dali_reader import DaliReaderLoader
+
+        return DaliReaderLoader(cfg, task, "train", tokenizer, rank, world_size, seed, answer_vocab)
     if any(s is not None and str(s).startswith("pipe:") for s in _flat_specs(cfg, task, "train")):
         from alpro.data.stream import StreamLoader
 
@@ -400,7 +405,18 @@ def build_eval_loader(cfg: DataConfig, task: str, tokenizer, rank: int, world_si
     """Every clip (retrieval, pre-training) or question (QA) of ``split`` exactly once across ranks, in shard
     order, ``uniform`` frames, no augmentation; ``Batch.all_texts`` holds each clip's captions and
     ``Batch.valid`` marks the padding that evens out the last batches."""
+    if _dali_reader_mode(cfg):
+        from alpro.data.dali_reader import DaliReaderLoader
+
+        return DaliReaderLoader(cfg, task, split, tokenizer, rank, world_size, seed, answer_vocab)
     return Loader(cfg, task, split, tokenizer, rank, world_size, seed, answer_vocab)
+
+
+def _dali_reader_mode(cfg: DataConfig) -> bool:
+    """``data.dali_reader: webdataset`` and DALI decodes (``decoder: dali``, or ``auto`` on a GPU machine)."""
+    from alpro.data.dali import choose_decoder
+
+    return cfg.dali_reader == "webdataset" and choose_decoder(cfg) == "dali"
 
 
 def _flat_specs(cfg: DataConfig, task: str, split: str) -> list[str]:
