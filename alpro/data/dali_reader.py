@@ -258,8 +258,9 @@ class _ReaderStream:
                 if data:
                     members[ext] = data
             position = np.asarray(crop[i])
-            out.append(_Sample(key=(split_name(name) or (name, ""))[0], members=members, vlen=_vlen(np.asarray(vinfo[i])),
-                               seed=int(np.asarray(seeds[i])), frames=np.array(frames[i], dtype=np.int32),
+            out.append(_Sample(key=(split_name(name) or (name, ""))[0], members=members,
+                               vlen=_vlen(np.asarray(vinfo[i])), seed=int(np.asarray(seeds[i])),
+                               frames=np.array(frames[i], dtype=np.int32),
                                crop=(float(position[0]), float(position[1]))))
         return out
 
