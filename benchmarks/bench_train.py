@@ -8,7 +8,7 @@ VTC + VTM + MLM + PEM and a frozen prompter) on a small shapes-world corpus it b
 per-interval throughput the trainer logs to ``metrics.jsonl`` (the first interval is warm-up and dropped),
 and reports medians over ``--repeats`` interleaved runs. With CUDA it also reports MFU: achieved training FLOP/s
 (3x the forward FLOPs per clip, counted with ``FlopCounterMode`` on the meta device) over the GPU's peak.
-Rows (machine, versions, load average) go to ``benchmarks/results/bench_train.{json,csv}``.
+Rows (machine, versions, load average) go to ``benchmarks/results/bench_train_<preset>.{json,csv}``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from machine import machine_info  # benchmarks/machine.py (scripts run with benc
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-PRESET_DATA = {  # frame size and patch size each preset expects
-    "debug": {"frame_size": 32, "resize": 36},
-    "tiny": {"frame_size": 64, "resize": 72},
+PRESET_DATA = {  # frame size each preset expects, its pre-training resize, and the short side shards are stored at
+    "debug": {"frame_size": 32, "resize": 36, "short_side": 40},
+    "tiny": {"frame_size": 64, "resize": 72, "short_side": 72},
 }
 
 
@@ -37,8 +37,8 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "alpro", *args], check=True, cwd=REPO, capture_output=True)
 
 
-def build_data(work: Path, clips: int) -> dict[str, Path]:
-    corpus, shards = work / "corpus", work / "shards"
+def build_data(work: Path, clips: int, short_side: int) -> dict[str, Path]:
+    corpus, shards = work / "corpus", work / f"shards_{short_side}"
     if not (corpus / "manifest.jsonl").is_file():
         sh("synth", str(corpus), "--num-clips", str(clips), "--quiet", "--overwrite")
     out = {}
@@ -46,7 +46,7 @@ def build_data(work: Path, clips: int) -> dict[str, Path]:
         out[name] = shards / name
         if not (out[name] / "index.json.zst").is_file():
             sh("shard", str(corpus / "manifest.jsonl"), str(out[name]), "--split", split, "--media", media,
-               "--fps", "8", "--short-side", "72", "--no-progress")
+               "--fps", "8", "--short-side", str(short_side), "--no-progress")
     out["entities"] = corpus / "entities.txt"
     return out
 
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_train"))
     args = p.parse_args(argv)
 
-    data = build_data(args.work, args.clips)
+    data = build_data(args.work, args.clips, PRESET_DATA[args.preset]["short_side"])
     prompter = args.work / f"prompter_{args.preset}"
     if not (prompter / "final" / "model.safetensors").is_file():
         train("prompter", prompter, data, args.preset, 1, 2, args.batch_size, 0, ["--train.resume", "auto"])
@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                                      device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_train.json").write_text(json.dumps(row, indent=1))
+    (RESULTS / f"bench_train_{args.preset}.json").write_text(json.dumps(row, indent=1))
     flat = {k: v for k, v in row.items() if k != "runs"}
-    with open(RESULTS / "bench_train.csv", "w", newline="") as f:
+    with open(RESULTS / f"bench_train_{args.preset}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat))
         writer.writeheader()
         writer.writerow(flat)
