@@ -65,7 +65,7 @@ def dali_device(cfg: DataConfig) -> str:
     return cfg.dali_device
 
 
-def _check_codec(codec: str, device: str, where: str) -> None:
+def check_codec(codec: str, device: str, where: str) -> None:
     if device == "cpu" and codec and codec not in CPU_CODECS:
         raise AlproError(f"{where}: codec {codec!r} cannot be decoded by DALI on the CPU (only "
                          f"{', '.join(CPU_CODECS)}); use data.decoder: pyav, a GPU, or shards made with "
@@ -81,7 +81,7 @@ class DaliRenderer:
         self.builder, self.items = builder, builder.items
         self.device = dali_device(cfg)
         for codec in codecs:
-            _check_codec(codec, self.device, "video shards")
+            check_codec(codec, self.device, "video shards")
         self.size = self.items.clip_tf.resize
         self.torch_device = torch.device("cuda", get_local_rank()) if self.device == "gpu" else torch.device("cpu")
         self.pipe = _build_pipeline(cfg.batch_size_for(self.items.train), cfg.dali_threads, self.device,
@@ -116,7 +116,7 @@ class DaliRenderer:
     def render(self, task: Task, prepared: list[Prepared | None], fallbacks: list[int], stats: BatchStats):
         videos = [i for i, p in enumerate(prepared) if p is not None and p.media == "video"]
         for i in videos:
-            _check_codec(prepared[i].vmeta.codec, self.device, prepared[i].key)
+            check_codec(prepared[i].vmeta.codec, self.device, prepared[i].key)
         pixels: list[torch.Tensor | None] = [None] * len(prepared)
         decoded = None
         if videos:

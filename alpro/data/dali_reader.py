@@ -55,8 +55,8 @@ import torch
 
 from alpro.data.batch import CLIP_MEAN, CLIP_STD, Batch
 from alpro.data.config import DataConfig
-from alpro.data.dali import _check_codec, dali_device
-from alpro.data.loader import Loader, MetricsWindow, _pin, task_sources
+from alpro.data.dali import check_codec, dali_device
+from alpro.data.loader import Loader, MetricsWindow, pin_batch, task_sources
 from alpro.data.pem import crop_video
 from alpro.data.plan import AUGMENT, FRAMES, ORDER, ItemTable, Task, choose_source, item_rng, rng
 from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader, Prepared, read_meta
@@ -90,7 +90,7 @@ def check_reader_shards(shardset: ShardSet, where: str, device: str) -> None:
     if not_video:
         raise AlproError(f"{where}: {not_video} samples are not videos; data.dali_reader 'webdataset' needs a "
                          "video-only shard set (`alpro shard --media video`)")
-    _check_codec(_codec(shardset), device, where)
+    check_codec(_codec(shardset), device, where)
 
 
 def _codec(shardset: ShardSet) -> str:
@@ -400,7 +400,7 @@ class DaliReaderLoader:
             else:
                 batch, stats = self._video_batch(self.step)
             if self.cfg.pin_memory and torch.cuda.is_available() and batch.video.device.type == "cpu":
-                batch = _pin(batch)
+                batch = pin_batch(batch)
             self._window.add(stats, time.perf_counter() - t0)
             self._skips.update(stats.skips)
             self.step += 1
@@ -459,7 +459,7 @@ class DaliReaderLoader:
                 if not self.train:
                     return None
                 continue
-            _check_codec(prepared.vmeta.codec, self.device, prepared.key)
+            check_codec(prepared.vmeta.codec, self.device, prepared.key)
             return sample, prepared
         raise AlproError(f"{self.cfg.max_replacements + 1} samples in a row from DALI's reader could not be used; "
                          "the shards look broken")

@@ -321,7 +321,7 @@ class Loader:
             if batch.pem_box is not None:
                 batch.crop_video = crop_video(batch.video, batch.pem_box)
             if self.cfg.pin_memory and torch.cuda.is_available() and batch.video.device.type == "cpu":
-                batch = _pin(batch)
+                batch = pin_batch(batch)
             self._window.add(stats, time.perf_counter() - t0)
             self._skips.update(stats.skips)
             self._state["step"] = task.step + 1
@@ -345,7 +345,7 @@ class Loader:
 _ATTR = {"task": "task", "seed": "seed", "world_size": "world", "batch_size": "batch_size"}
 
 
-def _pin(batch: Batch) -> Batch:
+def pin_batch(batch: Batch) -> Batch:
     for name in ("video", "crop_video", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
         value = getattr(batch, name)
         if value is not None:
