@@ -47,7 +47,7 @@ from machine import machine_info  # benchmarks/machine.py (scripts run with benc
 
 from alpro.config import from_dict
 from alpro.data import DataConfig, build_tokenizer, build_train_loader
-from alpro.data.decode import meta_from_json
+from alpro.data.decode import OPEN_OPTIONS, meta_from_json
 from alpro.data.samples import read_meta
 from alpro.data.shards import Reader, resolve
 from alpro.data.transforms import ClipParams, ClipTransform
@@ -135,7 +135,7 @@ def run_decord(clips: list[Path], plan: dict[str, list[int]], params: dict[str, 
 def gop_decode(data: bytes, keyframes: np.ndarray, start_pts: int, step: int, targets: list[int]) -> int:
     """Bare PyAV: decode exactly the GOPs the targets need, forward only, no RGB. Returns frames decoded."""
     decoded, pos = 0, -1
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), options=OPEN_OPTIONS) as container:  # opened as the loader opens
         stream = container.streams.video[0]
         stream.codec_context.thread_count = 1
         frames = None

@@ -33,6 +33,20 @@ def test_sparse_decode_returns_exactly_the_requested_frames(tmp_path, codec, bfr
     assert decoded == 21
 
 
+@pytest.mark.parametrize("suffix,width", [(".mkv", 64), (".ts", 64), (".mp4", 63)])
+def test_skipping_frames_while_probing_changes_no_frame(tmp_path, suffix, width):
+    """decode.OPEN_OPTIONS stops FFmpeg's stream probing from decoding a frame; containers whose streams are
+    only known after probing (MPEG-TS) and odd sizes (yuv444p) must still decode exactly as a plain open."""
+    path = mf.make_video(tmp_path / f"c{suffix}", width=width, seconds=1, fps=24, gop=6, seed=5)
+    data = path.read_bytes()
+    meta = probe(data)
+    assert meta.num_frames == 24 and meta.width == width
+    frames, _ = decode_video(data, np.array([1, 7, 23]), meta, 24)
+    reference = _all_frames(path, 24)
+    for k, i in enumerate([1, 7, 23]):
+        assert np.array_equal(frames[k].permute(1, 2, 0).numpy(), reference[i]), (suffix, i)
+
+
 def test_foreign_metadata_from_probe_matches_sharder_layout(tmp_path):
     path = mf.make_video(tmp_path / "c.mp4", seconds=2, fps=24, gop=12)
     meta = probe(path.read_bytes())

@@ -11,6 +11,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from PIL import Image
+
+from alpro.cli import main as cli_main
+from alpro.errors import AlproError
 from alpro.sharding import synth
 from alpro.sharding.synth import (
     BACKGROUNDS,
@@ -28,10 +32,6 @@ from alpro.sharding.synth import (
     plan_scenes,
     render_clip,
 )
-from PIL import Image
-
-from alpro.cli import main as cli_main
-from alpro.errors import AlproError
 
 # Tiny media keep the module fast: 96x72 at 12 fps is ~24-96 frames per clip.
 OPTS = dict(num_clips=24, num_images=8, seed=7, fps=12, size=(96, 72), progress=False)
