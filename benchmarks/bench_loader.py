@@ -44,6 +44,7 @@ import av
 import numpy as np
 import torch
 from machine import machine_info  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
+from sources import source_clips, write_manifest
 
 from alpro.config import from_dict
 from alpro.data import DataConfig, build_tokenizer, build_train_loader
@@ -55,39 +56,10 @@ from alpro.data.transforms import ClipParams, ClipTransform
 RESULTS = Path(__file__).parent / "results"
 
 
-def make_source(path: Path, seed: int, seconds: float, width: int = 640, height: int = 360, fps: int = 30) -> None:
-    """A long-GOP, B-frame H.264 clip: a textured scene panning under a moving block (detail a codec must code)."""
-    rng = np.random.default_rng(seed)
-    texture = rng.integers(0, 256, size=(height // 8 + 8, width // 8 + 64, 3), dtype=np.uint8)
-    texture = np.kron(texture, np.ones((8, 8, 1), dtype=np.uint8))
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "20", "x264-params": "keyint=250:bframes=3:threads=1"}
-        for i in range(int(seconds * fps)):
-            x = (i * 3) % (texture.shape[1] - width)
-            img = texture[:height, x : x + width].copy()
-            bx, by = (40 + i * 5) % (width - 64), (30 + i * 3) % (height - 64)
-            img[by : by + 64, bx : bx + 64] = (255 - 3 * i) % 256
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-
-
 def prepare(work: Path, n: int, seconds: float) -> tuple[list[Path], dict[str, Path]]:
     """Source clips and their three shard sets (built by `alpro shard` in a subprocess, cached)."""
-    src = work / f"src_{seconds:g}s"
-    src.mkdir(parents=True, exist_ok=True)
-    clips = []
-    for i in range(n):
-        path = src / f"clip{i:03d}.mp4"
-        if not path.exists():
-            make_source(path, seed=i, seconds=seconds)
-        clips.append(path)
-    manifest = work / f"manifest_{n}_{seconds:g}.jsonl"
-    manifest.write_text("".join(json.dumps({"id": p.stem, "video": str(p), "caption": f"a panning view {p.stem}"})
-                                + "\n" for p in clips))
+    clips = source_clips(work / f"src_{seconds:g}s", n, seconds, pan=3)
+    manifest = write_manifest(work / f"manifest_{n}_{seconds:g}.jsonl", clips, "a panning view {stem}")
     sets = {"copy": ["--copy"], "transcoded": [], "vp9": ["--codec", "vp9"]}
     out = {}
     for name, args in sets.items():

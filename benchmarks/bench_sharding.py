@@ -43,6 +43,7 @@ import numpy as np
 import webdataset
 from av.video.reformatter import Interpolation
 from machine import machine_info  # benchmarks/machine.py (scripts run with benchmarks/ on sys.path)
+from sources import source_clips, write_manifest
 
 from alpro.sharding.media import MediaLimits, VideoSettings, output_size, transcode_video
 from alpro.sharding.shard import DEFAULT_GOP, shard_manifest
@@ -55,38 +56,9 @@ SPARSE = (4, 8, 16)
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def make_source(path: Path, seed: int, seconds: float, width: int = 640, height: int = 360, fps: int = 30) -> None:
-    """A long-GOP, B-frame H.264 clip of a textured scene panning under a moving block."""
-    rng = np.random.default_rng(seed)
-    texture = rng.integers(0, 256, size=(height // 8 + 8, width // 8 + 64, 3), dtype=np.uint8)
-    texture = np.kron(texture, np.ones((8, 8, 1), dtype=np.uint8))  # 8x8 blocks: detail a codec must spend on
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "20", "x264-params": "keyint=250:bframes=3:threads=1"}
-        for i in range(int(seconds * fps)):
-            x = i * 2 % (texture.shape[1] - width)  # camera pan
-            img = texture[:height, x : x + width].copy()
-            bx, by = (40 + i * 5) % (width - 64), (30 + i * 3) % (height - 64)
-            img[by : by + 64, bx : bx + 64] = (255 - 3 * i) % 256
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format="yuv420p")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-
-
 def prepare(work: Path, n: int, seconds: float) -> tuple[list[Path], Path]:
-    src = work / "src"
-    src.mkdir(parents=True, exist_ok=True)
-    clips = []
-    for i in range(n):
-        path = src / f"clip{i:03d}_{seconds:g}s.mp4"
-        if not path.exists():
-            make_source(path, seed=i, seconds=seconds)
-        clips.append(path)
-    manifest = work / f"manifest_{n}_{seconds:g}.jsonl"
-    manifest.write_text("".join(json.dumps({"id": p.stem, "video": str(p), "caption": f"clip {p.stem}"}) + "\n"
-                                for p in clips))
+    clips = source_clips(work / "src", n, seconds, tag=f"_{seconds:g}s")
+    manifest = write_manifest(work / f"manifest_{n}_{seconds:g}.jsonl", clips, "clip {stem}")
     return clips, manifest
 
 
