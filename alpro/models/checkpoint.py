@@ -27,13 +27,27 @@ from alpro.errors import AlproError
 from alpro.models.text_encoder import TextEncoder
 from alpro.models.video_encoder import resize_pos_embed, resize_time_embed
 
-# Keys other code bases store that carry nothing we use.
-IGNORED_KEYS = (
-    re.compile(r"(^|\.)embeddings\.position_ids$"),  # BERT's arange buffer (non-persistent in transformers 5)
-    re.compile(r"(^|\.)video_encoder\.head\."),  # TimeSformer's 400-way Kinetics classifier
-    re.compile(r"(^|\.)bert\.pooler\."),  # BERT pooler (ALPRO never uses it)
-    re.compile(r"(^|\.)cls\.seq_relationship\."),  # BERT next-sentence head
+# Keys other code bases store that carry nothing we use, each with the reason it is dropped.
+IGNORED_KEYS: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"(^|\.)embeddings\.position_ids$"),
+     "BERT's arange(max_positions) buffer: recomputed, not a weight (non-persistent in transformers 5)"),
+    (re.compile(r"(^|\.)video_encoder\.head\."),
+     "TimeSformer's 400-way Kinetics classifier: built by the original but never called by ALPRO"),
+    (re.compile(r"(^|\.)bert\.pooler\."), "BERT pooler: ALPRO never uses it"),
+    (re.compile(r"(^|\.)cls\.seq_relationship\."), "BERT next-sentence head: not an ALPRO objective"),
 )
+# Keys that the original's classes inherit from AlproBaseModel but never use, dropped when the model they load
+# into is of that kind (matched on our names, after the model's own prefix).
+UNUSED_BY_TASK: dict[str, tuple[re.Pattern, str]] = {
+    "prompter": (re.compile(r"vtm_head\."),
+                 "the original Prompter inherits AlproBaseModel's itm_head; its VTC-only forward never calls it"),
+    "qa": (re.compile(r"(temp$|vision_proj\.|text_proj\.|vtm_head\.)"),
+           "AlproForSequenceClassification inherits AlproBaseModel's VTC projections, temperature and itm_head; "
+           "its forward uses only the classifier"),
+}
+TEXT_ONLY_REASON = ("the original Prompter's BERT has fusion layers and an MLM head that its VTC-only forward never "
+                    "runs; ours builds only the text layers")
+SKIP_REASON = "skipped by the caller (the prompt buffers are rebuilt from the entity list)"
 # Renames of the original / LAVIS names to ours, applied to the key after an optional "prompter." prefix.
 RENAMES = (
     ("visual_encoder.model.", "video_encoder."),
@@ -58,6 +72,8 @@ class LoadReport:
     ignored: list[str] = field(default_factory=list)
     resized: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
     kept_init: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)
+    """Why each ``ignored`` key was dropped (one of the reasons above)."""
 
     @property
     def ok(self) -> bool:
@@ -184,14 +200,25 @@ def _resize_video_embeddings(state: dict[str, torch.Tensor], target: dict[str, t
         report.resized[key] = (tuple(value.shape), tuple(state[key].shape))
 
 
-def _text_only_extras(model: nn.Module) -> re.Pattern:
-    """Keys a text-only BERT (the prompter's) deliberately lacks: the fusion layers and the MLM head that the
-    original's prompter carried but never used."""
-    prefixes = [re.escape(f"{name}.") for name, m in model.named_modules()
-                if isinstance(m, TextEncoder) and m.text_only]
-    if not prefixes:
-        return re.compile(r"(?!)")  # matches nothing
-    return re.compile(rf"^({'|'.join(prefixes)})(bert\.encoder\.layer\.\d+\.|cls\.)")
+def ignore_reason(key: str) -> str | None:
+    """The reason a key of any layout is never loaded (:data:`IGNORED_KEYS`), or None."""
+    return next((reason for pattern, reason in IGNORED_KEYS if pattern.search(key)), None)
+
+
+def _model_unused(model: nn.Module) -> list[tuple[re.Pattern, str]]:
+    """(pattern, reason) for the keys the original's classes carry but this model deliberately lacks: the
+    prompter's fusion layers and MLM head (a text-only BERT), the prompter's ``itm_head``, and the QA model's
+    inherited VTC heads. Patterns are anchored at each such submodule's prefix (our names)."""
+    rules = []
+    for name, m in model.named_modules():
+        prefix = re.escape(f"{name}.") if name else ""
+        if isinstance(m, TextEncoder) and m.text_only:
+            rules.append((re.compile(rf"^{prefix}(bert\.encoder\.layer\.\d+\.|cls\.)"), TEXT_ONLY_REASON))
+        task = getattr(m, "task", None)
+        if isinstance(task, str) and task in UNUSED_BY_TASK:
+            pattern, reason = UNUSED_BY_TASK[task]
+            rules.append((re.compile(rf"^{prefix}{pattern.pattern}"), reason))
+    return rules
 
 
 def _endswith(key: str, suffixes: tuple[str, ...]) -> bool:
@@ -203,19 +230,33 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, strict: bool = False,
     """Load ours / the original's / LAVIS's weights into ``model`` (any task).
 
     ``skip``: key suffixes never loaded (e.g. the prompter's prompt buffers). With ``strict`` a missing or
-    unexpected key raises :class:`AlproError`; otherwise they are listed in the report.
+    unexpected key raises :class:`AlproError`; otherwise they are listed in the report. Keys dropped on purpose
+    are listed under ``ignored`` with their reason in ``reasons``.
     """
-    state, source = convert_state_dict(read_state_dict(path))
+    return load_state(model, read_state_dict(path), str(path), strict=strict, skip=skip)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str = "<state_dict>", *,
+               strict: bool = False, skip: tuple[str, ...] = ()) -> LoadReport:
+    """:func:`load_checkpoint` for a state dict already in memory (``path`` only names it in messages)."""
+    state, source = convert_state_dict(state)
     report = LoadReport(str(path), source)
     for key in list(state):
-        if any(p.search(key) for p in IGNORED_KEYS) or _endswith(key, skip):
+        reason = SKIP_REASON if _endswith(key, skip) else ignore_reason(key)
+        if reason:
             report.ignored.append(key)
+            report.reasons[key] = reason
             del state[key]
     target = model.state_dict()
     _resize_video_embeddings(state, target, report)
-    unused = _text_only_extras(model)
+    unused = _model_unused(model)
     for key in sorted(k for k in state if k not in target):
-        (report.ignored if unused.match(key) else report.unexpected).append(key)
+        reason = next((r for pattern, r in unused if pattern.match(key)), None)
+        if reason:
+            report.ignored.append(key)
+            report.reasons[key] = reason
+        else:
+            report.unexpected.append(key)
         del state[key]
     for key, value in state.items():
         if value.shape != target[key].shape:
@@ -295,7 +336,7 @@ def load_bert_weights(model: nn.Module, path: str | Path) -> LoadReport:
     for key, value in hf.state_dict().items():
         if key in target:
             state[key] = value
-        elif any(p.search(key) for p in IGNORED_KEYS) or key.startswith(("bert.encoder.layer.", "cls.")):
+        elif ignore_reason(key) or key.startswith(("bert.encoder.layer.", "cls.")):
             report.ignored.append(key)  # layers past ours / the MLM head of a model without one
         else:
             report.unexpected.append(key)
