@@ -6,7 +6,13 @@ and line, raised before any work starts. Rows that parse but carry bad *content*
 missing files, duplicate ids) are not errors here: the sharder rejects them one by one, with a reason.
 
 Text is decoded as UTF-8 with ``surrogateescape`` so that one non-UTF-8 caption does not stop the whole manifest:
-its undecodable bytes survive as lone surrogates, and the sharder rejects that row as ``caption_not_utf8``.
+its undecodable bytes survive as lone surrogates, and the sharder drops that caption (counted as
+``captions_dropped``), rejecting the row as ``caption_not_utf8`` only when no good caption is left.
+
+Media paths are joined to the media root (the manifest's directory, ``--media-root``, or the folder) without
+resolving symlinks: resolving here would make a symlink loop in one row stop the whole manifest (it is rejected
+when the file is read instead), and would turn a symlinked media directory into a machine-specific path.
+:func:`relative_source` gives the root-relative form that ``KEY.json`` stores.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +37,7 @@ __all__ = [
     "VIDEO_EXTS",
     "IMAGE_EXTS",
     "read_manifest",
+    "relative_source",
     "select_rows",
     "sanitize_key",
 ]
@@ -54,7 +62,7 @@ class ManifestRow:
     id: str
     media: Literal["video", "image"]
     source: str
-    """Path of the media file, resolved against the manifest's directory (or ``media_root``)."""
+    """Absolute path of the media file: the manifest's path joined to the media root (symlinks not resolved)."""
     captions: list[str] | None
     """Raw captions (may hold lone surrogates from non-UTF-8 bytes); ``None`` when the row has no caption field."""
     split: str | None = None
@@ -71,6 +79,20 @@ class Manifest:
     sha256: str
     """Hash of the manifest bytes (and QA files): a rerun into the same OUT_DIR must use the same inputs."""
     warnings: list[str] = field(default_factory=list)
+    root: Path | None = None
+    """Absolute directory that relative media paths resolve against (the manifest's directory, ``media_root``,
+    or the folder itself); ``KEY.json`` stores sources relative to it (:func:`relative_source`)."""
+
+
+def relative_source(source: str, root: Path | None) -> str:
+    """``source`` relative to ``root`` as a POSIX path (``videos/a.mp4``; ``../other/b.mp4`` outside it).
+
+    Lexical (``os.path.relpath``), so it is the same on every machine that lays the corpus out the same way,
+    whatever directory the corpus sits in; ``root=None`` keeps the absolute path.
+    """
+    if root is None:
+        return source
+    return Path(os.path.relpath(source, root)).as_posix()
 
 
 def sanitize_key(item_id: str) -> str:
@@ -126,8 +148,9 @@ class _Resolver:
         self.video_ext = video_ext if video_ext.startswith(".") else f".{video_ext}"
 
     def path(self, rel: str) -> str:
+        """Joined, not resolved: a symlink loop is a reject when the file is read, not an error here."""
         p = Path(rel).expanduser()
-        return str(p if p.is_absolute() else (self.base / p).resolve())
+        return str(p if p.is_absolute() else self.base / p)
 
     def clip(self, name: str) -> str:
         """A clip name (``video123`` or ``video123.mp4``) -> path under the media root."""
@@ -344,7 +367,7 @@ def _folder_rows(root: Path) -> list[ManifestRow]:
         rel = p.relative_to(root).as_posix()
         split = extra.pop("split", None)
         rows.append(ManifestRow(line=i, id=str(extra.pop("id", _id_from_path(rel))), media=_media_of(rel),
-                                source=str(p.resolve()), captions=captions,
+                                source=str(p), captions=captions,
                                 split=None if split is None else str(split), extra=extra))
     return rows
 
@@ -391,14 +414,18 @@ def read_manifest(
     if (fmt == "folder") != path.is_dir():
         raise AlproError(f"{path}: format '{fmt}' needs a {'folder' if fmt == 'folder' else 'file'}")
     digest = hashlib.sha256()
+    # Absolute but not resolved (see the module docstring); a folder is its own root.
+    root = (path if fmt == "folder" else Path(media_root).expanduser() if media_root else path.parent).absolute()
     if fmt == "folder":
-        rows = _folder_rows(path)
+        rows = _folder_rows(root)
         for row in rows:
-            digest.update(f"{row.id}\0{row.source}\0{row.captions}\0".encode("utf-8", "surrogateescape"))
+            # relative paths: the same folder hashes the same wherever it sits
+            digest.update(f"{row.id}\0{relative_source(row.source, root)}\0{row.captions}\0".encode(
+                "utf-8", "surrogateescape"))
     else:
         data = path.read_bytes()
         digest.update(data)
-        res = _Resolver(Path(media_root) if media_root else path.parent.resolve(), video_ext)
+        res = _Resolver(root, video_ext)
         text = _decode(data)
         if fmt == "csv":
             rows = list(_table_rows(path, text, ",", res))
@@ -408,7 +435,7 @@ def read_manifest(
             rows = _jsonl_rows(path, text, res)
         else:
             rows = _json_rows(path, text, res)
-    manifest = Manifest(path=path, format=fmt, rows=rows, sha256="")
+    manifest = Manifest(path=path, format=fmt, rows=rows, sha256="", root=root)
     for qa_path in qa:
         qa_path = Path(qa_path)
         if not qa_path.is_file():

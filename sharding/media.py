@@ -13,6 +13,7 @@ byte-identical whatever the number of worker processes (parallelism is across cl
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,7 +38,7 @@ __all__ = [
 ]
 
 REJECT_REASONS = {
-    "missing": "the source file does not exist",
+    "missing": "the source file cannot be reached (no such file, broken symlink, symlink loop, no permission)",
     "empty_file": "the source file has 0 bytes",
     "too_large": "the source file is larger than --max-source-bytes",
     "not_media": "the bytes are not a known video/image container (e.g. an HTML error page named .mp4)",
@@ -53,7 +54,7 @@ REJECT_REASONS = {
     "missing_caption": "the manifest gives no caption field (and no QA) for the sample",
     "empty_caption": "every caption is empty after whitespace normalisation",
     "caption_too_long": "every non-empty caption is longer than --max-caption-chars",
-    "caption_not_utf8": "a caption holds bytes that are not UTF-8",
+    "caption_not_utf8": "no caption left once those holding bytes that are not UTF-8 are dropped",
     "duplicate_id": "an earlier row has the same id (or the same key once sanitised)",
     "duplicate": "an earlier sample has the same source bytes (sha256); see --keep-duplicates",
     "internal_error": "an unexpected error while processing this sample (a bug: please report it)",
@@ -69,13 +70,20 @@ class Reject(Exception):
         self.reason, self.detail = reason, detail
 
 
+# The largest frame a training source needs: 8K UHD video (7680x4320 = 33.2 MP), which also covers 24-30 MP
+# camera photos. Everything is stored with a short side of at most 256 px, so more pixels buy nothing, and a
+# decoded image costs about 8 bytes per pixel at its peak (RGB decode + conversion copy): 33 MP is ~0.27 GB
+# per worker, while a 187 KB PNG declaring 8192x8192 would take ~0.8 GB. Checked from the header, before decoding.
+DEFAULT_MAX_PIXELS = 7680 * 4320
+
+
 @dataclass(frozen=True)
 class MediaLimits:
     """Sanity limits on sources: anything outside is rejected rather than stored."""
 
     max_source_duration: float = 3 * 3600.0
     min_side: int = 16
-    max_pixels: int = 8192 * 8192
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_aspect: float = 10.0
 
 
@@ -139,9 +147,15 @@ def _one_line(err: Exception) -> str:
 
 
 def _check_dims(width: int, height: int, limits: MediaLimits) -> None:
+    """Reject a frame size from the container/image header, before anything is decoded."""
     short, long = min(width, height), max(width, height)
-    if short < limits.min_side or width * height > limits.max_pixels or long > limits.max_aspect * short:
-        raise Reject("bad_dimensions", f"{width}x{height}")
+    if short < limits.min_side:
+        raise Reject("bad_dimensions", f"{width}x{height}: short side {short} < --min-side {limits.min_side}")
+    if width * height > limits.max_pixels:
+        raise Reject("bad_dimensions", f"{width}x{height} = {width * height} pixels > --max-pixels "
+                     f"{limits.max_pixels} (from the header, not decoded)")
+    if long > limits.max_aspect * short:
+        raise Reject("bad_dimensions", f"{width}x{height}: aspect {long / short:.1f} > --max-aspect {limits.max_aspect:g}")
 
 
 def _even(x: float) -> int:
@@ -415,7 +429,11 @@ def copy_video(data: bytes, limits: MediaLimits) -> EncodedMedia:
 def encode_image(data: bytes, short_side: int, quality: int, limits: MediaLimits) -> EncodedMedia:
     """Any PIL-readable image -> RGB JPEG, EXIF orientation applied, short side at most ``short_side``."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():
+            # PIL warns above 89 MP; --max-pixels decides instead (PIL's own hard limit, 179 MP, still applies).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any decoding
+        with img:
             _check_dims(img.width, img.height, limits)
             src = {"duration": 0.0, "fps": 0.0, "width": img.width, "height": img.height,
                    "codec": (img.format or "unknown").lower(), "num_frames": 1}

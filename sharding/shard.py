@@ -20,7 +20,9 @@ How a build runs (docs/sharding.md has the user-level story):
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
+import math
 import multiprocessing as mp
 import struct
 import sys
@@ -40,8 +42,17 @@ from alpro.config import ConfigError, from_dict, to_dict
 from alpro.errors import AlproError
 from alpro.sharding._cli import OneLineParser
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
-from alpro.sharding.manifest import FORMATS, Manifest, ManifestRow, read_manifest, sanitize_key, select_rows
+from alpro.sharding.manifest import (
+    FORMATS,
+    Manifest,
+    ManifestRow,
+    read_manifest,
+    relative_source,
+    sanitize_key,
+    select_rows,
+)
 from alpro.sharding.media import (
+    DEFAULT_MAX_PIXELS,
     REJECT_REASONS,
     EncodedMedia,
     MediaLimits,
@@ -74,6 +85,10 @@ class ShardOptions:
     name: str = "shard"
     shard_size: int = 1000
     shard_bytes: int | None = 1 << 30
+    absolute_paths: bool = False
+    """Store absolute source paths (KEY.json, rejects) and the manifest's absolute path (build.json, index).
+    Off by default: sources are stored relative to the media root, so a set does not carry the building
+    machine's directory layout and the same corpus gives the same bytes wherever it sits."""
     # video and images
     codec: Literal["h264", "vp9"] = "h264"
     copy: bool = False
@@ -90,7 +105,7 @@ class ShardOptions:
     max_source_bytes: int = 4 << 30
     max_source_duration: float = 3 * 3600.0
     min_side: int = 16
-    max_pixels: int = 8192 * 8192
+    max_pixels: int = DEFAULT_MAX_PIXELS  # 8K UHD; why: sharding/media.py
     max_aspect: float = 10.0
     max_caption_chars: int = 2000
     max_reject_ratio: float = 0.5
@@ -159,6 +174,8 @@ class ShardSummary:
     index_path: Path | None
     part_path: Path | None
     warnings: list[str] = field(default_factory=list)
+    captions_dropped: int = 0
+    nonfinite_nulled: int = 0
 
     @property
     def reject_ratio(self) -> float:
@@ -179,6 +196,10 @@ class ShardSummary:
             width = max(len(r) for r in self.rejects_by_reason)
             lines.append(f"  {'reject reason'.ljust(width)}  count")
             lines += [f"  {r.ljust(width)}  {n:5d}" for r, n in sorted(self.rejects_by_reason.items())]
+        if self.captions_dropped:
+            lines.append(f"  {self.captions_dropped} caption(s) dropped from kept samples (empty, too long or not UTF-8)")
+        if self.nonfinite_nulled:
+            lines.append(f"  {self.nonfinite_nulled} NaN/Infinity value(s) in extra fields stored as null")
         lines += [f"  warning: {w}" for w in self.warnings]
         target = self.index_path or self.part_path
         if target is not None:
@@ -204,6 +225,8 @@ class _Item:
     index: int
     row: ManifestRow
     key: str
+    source: str
+    """The source path as stored (KEY.json, rejects): relative to the media root unless --absolute-paths."""
     pre_reject: tuple[str, str] | None = None
 
 
@@ -214,12 +237,14 @@ class _Result:
     index: int
     row: ManifestRow
     key: str
+    source: str
     reject: tuple[str, str] | None = None
     sha256: str | None = None
     members: list[tuple[str, bytes]] = field(default_factory=list)
     num_frames: int = 0
     duration: float = 0.0
     captions_dropped: int = 0
+    nonfinite_nulled: int = 0
 
 
 _WORKER_OPTIONS: ShardOptions | None = None
@@ -230,49 +255,90 @@ def _init_worker(options: ShardOptions) -> None:
     _WORKER_OPTIONS = options
 
 
+def _not_utf8(caption: str) -> bool:
+    """True if the manifest bytes behind ``caption`` were not UTF-8 (they survive as lone surrogates)."""
+    return any("\udc80" <= ch <= "\udcff" for ch in caption)
+
+
 def _check_captions(row: ManifestRow, max_chars: int) -> tuple[list[str], int]:
-    """Whitespace-normalised captions (one line each) and how many were dropped, or a caption reject."""
+    """Whitespace-normalised captions (one line each) and how many were dropped, or a caption reject.
+
+    Each bad caption (empty, longer than ``max_chars``, not UTF-8) is dropped on its own; the sample is
+    rejected only when none is left (and it has no QA), with the reason of the first non-UTF-8 caption if any,
+    else ``caption_too_long`` or ``empty_caption``.
+    """
     has_qa = bool(row.extra.get("qa"))
     if row.captions is None and not has_qa:
         raise Reject("missing_caption", "no caption field")
     normalised = [" ".join(c.split()) for c in row.captions or []]
-    for i, c in enumerate(normalised):
-        if any("\udc80" <= ch <= "\udcff" for ch in c):
-            raw = c.encode("utf-8", "surrogateescape")
-            raise Reject("caption_not_utf8", f"caption {i}: {raw[:60]!r}")
-    non_empty = [c for c in normalised if c]
+    bad_bytes = [i for i, c in enumerate(normalised) if _not_utf8(c)]
+    non_empty = [c for c in normalised if c and not _not_utf8(c)]
     kept = [c for c in non_empty if len(c) <= max_chars]
     if not kept and not has_qa:
+        if bad_bytes:
+            i = bad_bytes[0]
+            raw = normalised[i].encode("utf-8", "surrogateescape")
+            raise Reject("caption_not_utf8", f"caption {i}: {raw[:60]!r}")
         if non_empty:
             raise Reject("caption_too_long", f"{max(len(c) for c in non_empty)} chars > {max_chars}")
         raise Reject("empty_caption", f"{len(normalised)} caption(s), all empty")
     return kept, len(normalised) - len(kept)
 
 
+def _finite_json(value: Any) -> tuple[Any, int]:
+    """``value`` with every NaN/Infinity float replaced by ``None``, and how many were replaced.
+
+    Manifests read with :mod:`json` accept ``NaN`` and ``Infinity`` (pandas writes them for missing values), but
+    they are not JSON: stored as they are, ``KEY.json`` would not parse in strict readers (browsers, Go, jq).
+    ``null`` is what JSON has for "no number"; the sample itself (media, captions) is good, so it is kept and
+    the replacements are counted (``nonfinite_nulled`` in the stats).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, 1
+    if isinstance(value, dict):
+        out, n = {}, 0
+        for k, v in value.items():
+            out[k], m = _finite_json(v)
+            n += m
+        return out, n
+    if isinstance(value, (list, tuple)):
+        items = [_finite_json(v) for v in value]
+        return [v for v, _ in items], sum(m for _, m in items)
+    return value, 0
+
+
 def _read_source(path: str, max_bytes: int) -> bytes:
+    """The source bytes; a path that cannot be reached (no such file, broken symlink, symlink loop, no
+    permission) is ``missing`` with the OS's reason."""
     p = Path(path)
     try:
         size = p.stat().st_size
     except (FileNotFoundError, NotADirectoryError):
         raise Reject("missing", "no such file") from None
+    except OSError as e:  # ELOOP (symlink loop), EACCES, ENAMETOOLONG, ...
+        raise Reject("missing", e.strerror or type(e).__name__) from None
     if not p.is_file():
         raise Reject("missing", "not a regular file")
     if size == 0:
         raise Reject("empty_file", "0 bytes")
     if size > max_bytes:
         raise Reject("too_large", f"{size} bytes > {max_bytes}")
-    return p.read_bytes()
+    try:
+        return p.read_bytes()
+    except OSError as e:
+        raise Reject("missing", f"cannot read: {e.strerror or type(e).__name__}") from None
 
 
-def _metadata(row: ManifestRow, key: str, captions: list[str], sha256: str, m: EncodedMedia) -> dict[str, Any]:
+def _metadata(item: _Item, captions: list[str], sha256: str, m: EncodedMedia, extra: Any) -> dict[str, Any]:
     """The ``KEY.json`` record (field order as in docs/shard_format.md)."""
+    row = item.row
     video = row.media == "video"
     return {
         "id": row.id,
-        "key": key,
+        "key": item.key,
         "media": row.media,
         "captions": captions,
-        "source": row.source,
+        "source": item.source,
         "sha256": sha256,
         "codec": m.codec,
         "num_frames": m.num_frames,
@@ -286,7 +352,7 @@ def _metadata(row: ManifestRow, key: str, captions: list[str], sha256: str, m: E
         "keyframes": m.keyframes if video else [0],
         "split": row.split,
         "src": m.src,
-        "extra": row.extra,
+        "extra": extra,
     }
 
 
@@ -294,7 +360,7 @@ def _process(item: _Item) -> _Result:
     """Read, hash, transcode/copy/encode and validate one row (runs in a worker process)."""
     opts = _WORKER_OPTIONS
     assert opts is not None, "worker not initialised"
-    result = _Result(index=item.index, row=item.row, key=item.key)
+    result = _Result(index=item.index, row=item.row, key=item.key, source=item.source)
     try:
         if item.pre_reject is not None:
             raise Reject(*item.pre_reject)
@@ -307,7 +373,8 @@ def _process(item: _Item) -> _Result:
             media = copy_video(data, opts.limits())
         else:
             media = transcode_video(data, opts.video_settings(), opts.limits())
-        meta = _metadata(item.row, item.key, captions, result.sha256, media)
+        extra, result.nonfinite_nulled = _finite_json(item.row.extra)
+        meta = _metadata(item, captions, result.sha256, media, extra)
         vinfo = struct.pack("<4i", media.num_frames, media.width, media.height, round(media.fps * 1000))
         result.members = [("json", json_bytes(meta)), ("txt", "\n".join(captions).encode()), ("vinfo", vinfo),
                           (media.ext, media.data)]
@@ -353,7 +420,7 @@ class _Partition:
         if reject is None and not self.opts.keep_duplicates and res.sha256 in self.seen:
             reject = ("duplicate", f"same bytes as key {self.seen[res.sha256]}")
         if reject is not None:
-            self.rejects.append({"id": res.row.id, "source": res.row.source, "reason": reject[0],
+            self.rejects.append({"id": res.row.id, "source": res.source, "reason": reject[0],
                                  "detail": reject[1], "row": res.row.line})
             return
         assert res.sha256 is not None
@@ -373,6 +440,7 @@ class _Partition:
         info["sha256"].append(res.sha256)
         info["duration"] += res.duration
         info["captions_dropped"] += res.captions_dropped
+        info["nonfinite_nulled"] += res.nonfinite_nulled
 
     def _full(self, members: list[tuple[str, bytes]]) -> bool:
         """Roll before a sample that would take the shard past --shard-size or --shard-bytes."""
@@ -390,7 +458,8 @@ class _Partition:
         # Rejects seen before this shard's first sample belong to it, so its rows start where the last one ended.
         self.writer = ShardWriter(self.out_dir, _stem(self.prefix, self.seq))
         self.info = {"keys": [], "media": [], "num_frames": [], "offsets": [], "sizes": [], "sha256": [],
-                     "duration": 0.0, "captions_dropped": 0, "t0": time.perf_counter()}
+                     "duration": 0.0, "captions_dropped": 0, "nonfinite_nulled": 0,
+                     "t0": time.perf_counter()}
 
     def _finish(self, end_row: int) -> None:
         assert self.writer is not None
@@ -405,7 +474,8 @@ class _Partition:
             "counts": {"inputs": end_row - self.start_row, "written": self.writer.num_samples,
                        "rejected": len(self.rejects), "videos": media["video"], "images": media["image"],
                        "frames": sum(n for n, m in zip(info["num_frames"], info["media"]) if m == "video"),
-                       "captions_dropped": info["captions_dropped"]},
+                       "captions_dropped": info["captions_dropped"],
+                       "nonfinite_nulled": info["nonfinite_nulled"]},
             "rejects_by_reason": dict(sorted(reasons.items())),
             "rejects": self.rejects,
             "seconds": round(time.perf_counter() - info["t0"], 3),
@@ -436,9 +506,10 @@ def _stem_prefix(opts: ShardOptions) -> str:
     return f"{opts.name}-n{opts.node_rank:0{max(3, len(str(opts.num_nodes - 1)))}d}"
 
 
-def _prepare_items(rows: list[ManifestRow]) -> list[_Item]:
-    """Keys for every row; later rows whose key is taken are ``duplicate_id`` (decided globally, before any
-    partitioning, so that all nodes agree)."""
+def _prepare_items(rows: list[ManifestRow], root: Path | None) -> list[_Item]:
+    """Keys and stored source paths (relative to ``root``; absolute if it is ``None``) for every row; later rows
+    whose key is taken are ``duplicate_id`` (decided globally, before any partitioning, so that all nodes
+    agree)."""
     first: dict[str, ManifestRow] = {}
     items = []
     for i, row in enumerate(rows):
@@ -449,7 +520,7 @@ def _prepare_items(rows: list[ManifestRow]) -> list[_Item]:
             pre = ("duplicate_id", f"key {key!r} already used by id {other.id!r} at row {other.line}")
         else:
             first[key] = row
-        items.append(_Item(index=i, row=row, key=key, pre_reject=pre))
+        items.append(_Item(index=i, row=row, key=key, source=relative_source(row.source, root), pre_reject=pre))
     return items
 
 
@@ -486,14 +557,33 @@ def shard_manifest(
     ``overrides`` are :class:`ShardOptions` fields, e.g. ``shard_manifest("m.jsonl", "out", workers=2,
     shard_size=100, codec="vp9")``. Bad options or inputs raise :class:`~alpro.errors.AlproError`. Returns the
     summary of this node's partition; with one node the dataset index is complete on return.
+
+    A file that cannot be written (a full disk, a read-only or unwritable OUT_DIR) is one ``AlproError`` line
+    naming it (``no space left on device: OUT/shard-000003.tar``); the unfinished shard's temporaries are
+    removed, completed shards are kept, and a rerun once there is space resumes to the same bytes.
     """
     base = to_dict(options) if options is not None else {}
     try:
         opts = from_dict(ShardOptions, {**base, **overrides})
     except ConfigError as e:
         raise AlproError(str(e)) from None
+    try:
+        return _build(manifest, Path(out_dir), opts)
+    except OSError as e:
+        raise AlproError(_os_error_line(e)) from None
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for a failed read or write: ``no space left on device: PATH; ...`` for a full disk."""
+    where = e.filename if e.filename is not None else "?"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{what}: {where}; completed shards are kept, free some space and rerun to resume"
+    return f"{where}: {e.strerror or ' '.join(str(e).split())}"
+
+
+def _build(manifest: str | Path | Manifest, out_dir: Path, opts: ShardOptions) -> ShardSummary:
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest, opts.format, media_root=opts.media_root, video_ext=opts.video_ext,
                                  qa=opts.qa)
@@ -503,13 +593,14 @@ def shard_manifest(
         "format": "alpro-shard-build",
         "version": 1,
         "name": opts.name,
-        "manifest": {"path": str(manifest.path.resolve()), "format": manifest.format, "sha256": manifest.sha256,
-                     "rows": len(rows)},
+        # The manifest's name only, unless --absolute-paths: its directory is the building machine's business.
+        "manifest": {"path": str(manifest.path.resolve()) if opts.absolute_paths else manifest.path.name,
+                     "format": manifest.format, "sha256": manifest.sha256, "rows": len(rows)},
         "options": opts.output_options(),
     }
     write_build(out_dir, build)
 
-    items = _prepare_items(rows)
+    items = _prepare_items(rows, None if opts.absolute_paths else manifest.root)
     lo = len(items) * opts.node_rank // opts.num_nodes
     hi = len(items) * (opts.node_rank + 1) // opts.num_nodes
     prefix = _stem_prefix(opts)
@@ -575,6 +666,8 @@ def shard_manifest(
         index_path=index_path,
         part_path=part_path,
         warnings=list(manifest.warnings),
+        captions_dropped=sum(s["counts"]["captions_dropped"] for s in shards),
+        nonfinite_nulled=sum(s["counts"].get("nonfinite_nulled", 0) for s in shards),
     )
 
 
@@ -600,6 +693,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default=d.name, help="shard file prefix (default: %(default)s)")
     g.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default: %(default)s)")
     g.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="max bytes per shard (0: no limit) (default: %(default)s)")
+    g.add_argument("--absolute-paths", action="store_true",
+                   help="store absolute source and manifest paths (default: sources relative to the manifest's "
+                        "directory or --media-root, the manifest by name)")
     g = p.add_argument_group("video and images")
     g.add_argument("--codec", choices=("h264", "vp9"), default=d.codec, help="h264: NVDEC/PyAV; vp9: DALI on CPU (default: %(default)s)")
     g.add_argument("--copy", action="store_true", help="store CFR mp4 sources as they are (probed + validated)")

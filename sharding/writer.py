@@ -11,6 +11,10 @@ fsynced, then renamed in the order tar, idx, stats. The stats file is the comple
 complete only when its stats exist and name the tar's exact size, so a kill -9 at any moment leaves either
 nothing or a complete file under a final name, and an interrupted shard is simply rebuilt (identically) on the
 next run.
+
+Write errors (a full disk above all) surface as ``OSError`` whose ``filename`` is the final name of the file
+being written (the temporary is removed first), so the caller can print one line naming it; ``abort`` never
+raises, whatever state a failed write left the tar in.
 """
 
 from __future__ import annotations
@@ -46,18 +50,31 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; shard sets are usually shared
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(e, path) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _named(e: OSError, path: Path) -> OSError:
+    """``e`` naming ``path`` (a failed ``write`` or ``fsync`` carries no file name of its own)."""
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 def json_bytes(obj: Any, indent: int | None = None) -> bytes:
-    """UTF-8 JSON; strings holding undecodable bytes (lone surrogates from non-UTF-8 paths) are \\u-escaped."""
-    text = json.dumps(obj, ensure_ascii=False, indent=indent, separators=None if indent else (",", ":"))
+    """Strict UTF-8 JSON; strings holding undecodable bytes (lone surrogates from non-UTF-8 paths) are \\u-escaped.
+
+    ``allow_nan=False``: NaN and Infinity are not JSON, so a value that still holds one raises ``ValueError``
+    instead of writing a file strict readers refuse (the sharder stores them as ``null`` before this point).
+    """
+    separators = None if indent else (",", ":")
+    text = json.dumps(obj, ensure_ascii=False, indent=indent, separators=separators, allow_nan=False)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(obj, ensure_ascii=True, indent=indent, separators=None if indent else (",", ":")).encode()
+        return json.dumps(obj, ensure_ascii=True, indent=indent, separators=separators, allow_nan=False).encode()
 
 
 @dataclass
@@ -102,7 +119,10 @@ class ShardWriter:
             info.size, info.mtime, info.mode = len(data), MTIME, _MODE
             info.uid = info.gid = 0
             info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            try:
+                self._tar.addfile(info, io.BytesIO(data))
+            except OSError as e:
+                raise _named(e, self.tar_path) from e
             # After addfile, tar.offset is the end of the member's 512-padded data.
             data_offset = self._tar.offset - (len(data) + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
             rec.members.append((ext, data_offset, len(data), info.name))
@@ -120,21 +140,32 @@ class ShardWriter:
 
     def finish(self, stats: dict[str, Any]) -> dict[str, Any]:
         """Close the tar, then rename tar, idx and stats into place (stats last: the completion marker)."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        size = self._tmp.stat().st_size
-        os.replace(self._tmp, self.tar_path)
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            size = self._tmp.stat().st_size
+            os.replace(self._tmp, self.tar_path)
+        except OSError as e:
+            raise _named(e, self.tar_path) from e
         atomic_write(self.idx_path, dali_index_lines(self.records).encode())
         stats = {"file": self.tar_path.name, "idx": self.idx_path.name, "bytes": size, **stats}
         atomic_write(self.stats_path, json_bytes(stats) + b"\n")
         return stats
 
     def abort(self) -> None:
-        """Drop the unfinished shard (used when a run stops early)."""
-        self._tar.close()
-        self._file.close()
+        """Drop the unfinished shard (used when a run stops early, e.g. on a full disk). Never raises.
+
+        Closing may fail again (the buffered tail of the tar cannot be written to a full disk): the file is
+        closed anyway and the temporary removed. A tar already renamed into place whose idx or stats could not
+        be written stays, as after a kill -9: without stats it is incomplete, and the next run rebuilds it.
+        """
+        for close in (self._tar.close, self._file.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                pass
         self._tmp.unlink(missing_ok=True)
 
 
