@@ -10,19 +10,23 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import sys
-import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import braceexpand
 
+from alpro.data.config import LimitsConfig
+from alpro.data.meta import meta_problem
+from alpro.data.shards import SampleError, _iter_members
 from alpro.errors import AlproError
 from alpro.sharding._cli import OneLineParser
 
 __all__ = ["resolve_shards", "inspect_shards", "extract_sample", "format_report", "main"]
 
+_LISTED = 20  # bad samples listed by key in the report (all are counted)
 _DURATION_BINS = ((1, "<1 s"), (2, "1-2 s"), (5, "2-5 s"), (10, "5-10 s"), (30, "10-30 s"), (60, "30-60 s"),
                   (float("inf"), ">=60 s"))
 
@@ -56,27 +60,61 @@ def _split_key(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
-def _scan(tar_path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Per-sample ``{key, exts, bytes, meta}`` of one shard, and the shard's size."""
+def _scan(tar_path: Path, limits: LimitsConfig | None = None) -> tuple[list[dict[str, Any]], int, dict | None]:
+    """Per-sample ``{key, exts, bytes, meta, problem}`` of one shard's complete samples, the shard's size, and
+    where the tar is cut (None when it is whole).
+
+    Only headers and ``KEY.json`` members are read (with positioned reads: a cut or hostile tar costs no
+    more than its headers). A ``KEY.json`` over the json cap is not read; one that is not valid JSON or fails
+    :func:`alpro.data.meta.meta_problem` makes ``problem`` say why (``bad_metadata``). A tar cut inside a
+    member keeps the samples before it; the sample it cuts is reported, not counted."""
+    limits = limits or LimitsConfig()
     samples: dict[str, dict[str, Any]] = {}
+    cut: dict | None = None
     try:
-        with tarfile.open(tar_path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = _split_key(member.name)
-                s = samples.setdefault(key, {"key": key, "exts": [], "bytes": 0, "meta": None})
-                s["exts"].append(ext)
-                s["bytes"] += member.size
-                if ext == "json":
-                    f = tar.extractfile(member)
-                    try:
-                        s["meta"] = json.loads(f.read()) if f else None
-                    except ValueError:
-                        s["meta"] = None
-    except (tarfile.TarError, OSError) as e:
+        fd = os.open(tar_path, os.O_RDONLY)
+    except OSError as e:
         raise AlproError(f"{tar_path}: not a readable tar ({e})") from None
-    return list(samples.values()), tar_path.stat().st_size
+    try:
+        size = os.fstat(fd).st_size
+        get = lambda a, b: os.pread(fd, min(b, size) - a, a) if a < size else b""  # noqa: E731
+        try:
+            for name, data, length in _iter_members(get, size, whole_tar=True):
+                key, ext = _split_key(name)
+                if data + length > size:
+                    cut = {"key": key, "detail": f"the tar ends at byte {size}, inside member {name} (needs "
+                                                 f"{data + length})"}
+                    break
+                s = samples.setdefault(key, {"key": key, "exts": [], "bytes": 0, "meta": None, "problem": None})
+                s["exts"].append(ext)
+                s["bytes"] += length
+                if ext == "json" and s["problem"] is None:
+                    s["meta"], s["problem"] = _read_json(get(data, data + length) if length <= limits.other_bytes
+                                                         else None, length, limits)
+        except SampleError as e:  # a cut header, no end-of-archive block, or garbage where a header should be
+            if e.reason != "truncated" and not samples:
+                raise AlproError(f"{tar_path}: not a readable tar ({e})") from None
+            detail = str(e).split(": ", 1)[-1]
+            cut = {"key": None, "detail": detail if e.reason == "truncated" else f"unreadable from here ({detail})"}
+    finally:
+        os.close(fd)
+    if cut is not None:
+        if cut["key"] is not None:
+            samples.pop(cut["key"], None)  # its members before the cut are not a sample
+        cut.update(file=str(tar_path), ends_at=size, complete_samples=len(samples))
+    return list(samples.values()), size, cut
+
+
+def _read_json(raw: bytes | None, length: int, limits: LimitsConfig) -> tuple[Any, str | None]:
+    """(parsed KEY.json or None, what is wrong with it or None)."""
+    if raw is None:
+        return None, f"too_large: KEY.json is {length} bytes, over the {limits.other_bytes}-byte cap"
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        return None, f"bad_metadata: json: {e}"
+    problem = meta_problem(meta)
+    return (meta, None) if problem is None else (None, f"bad_metadata: {problem}")
 
 
 def _rejects_near(tars: list[Path]) -> Counter[str]:
@@ -114,14 +152,20 @@ def inspect_shards(target: str | Path) -> dict[str, Any]:
     durations: Counter[str] = Counter()
     exts: Counter[str] = Counter()
     frames, total_duration, n_samples, no_meta, captions = 0, 0.0, 0, 0, 0
-    shard_sizes, sample_sizes = [], []
+    shard_sizes, sample_sizes, bad, cuts = [], [], [], []
     for tar in tars:
-        samples, size = _scan(tar)
+        samples, size, cut = _scan(tar)
         shard_sizes.append(size)
+        if cut is not None:
+            cuts.append(cut)
         for s in samples:
             n_samples += 1
             sample_sizes.append(s["bytes"])
             exts.update(s["exts"])
+            if s["problem"] is not None:
+                reason, detail = s["problem"].split(": ", 1)
+                bad.append({"file": str(tar), "key": s["key"], "reason": reason, "detail": detail})
+                continue
             meta = s["meta"]
             if not isinstance(meta, dict) or "num_frames" not in meta:
                 no_meta += 1
@@ -130,7 +174,8 @@ def inspect_shards(target: str | Path) -> dict[str, Any]:
             media[kind] += 1
             codecs[str(meta.get("codec"))] += 1
             resolutions[f"{meta.get('width')}x{meta.get('height')}"] += 1
-            captions += len(meta.get("captions") or [])
+            found = meta.get("captions") or []
+            captions += 1 if isinstance(found, str) else len(found)
             if kind == "video":
                 frames += int(meta["num_frames"])
                 total_duration += float(meta.get("duration") or 0.0)
@@ -155,6 +200,9 @@ def inspect_shards(target: str | Path) -> dict[str, Any]:
                   "shard_mean": round(sum(shard_sizes) / len(shard_sizes)),
                   "sample_mean": round(sum(sample_sizes) / len(sample_sizes)) if sample_sizes else 0},
         "rejects": dict(sorted(rejects.items())),
+        "bad_samples": dict(sorted(Counter(b["reason"] for b in bad).items())),
+        "bad_sample_list": bad[:_LISTED],
+        "truncated": cuts,
         "files": [str(t) for t in tars],
     }
 
@@ -172,6 +220,13 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report["samples_without_metadata"]:
         lines.append(f"  {report['samples_without_metadata']} sample(s) without alpro KEY.json (foreign shards)")
+    for reason, n in report["bad_samples"].items():
+        first = next(b for b in report["bad_sample_list"] if b["reason"] == reason)
+        lines.append(f"  {n} sample(s) {reason} (the loader skips them), e.g. {first['key']}: {first['detail']}")
+    for cut in report["truncated"]:
+        lines.append(f"  truncated: {cut['file']} ends at byte {cut['ends_at']}: {cut['complete_samples']} "
+                     f"complete sample(s) before the cut" + (f", sample {cut['key']} is cut" if cut["key"] else "")
+                     + f" ({cut['detail']})")
     total = max(1, report["samples"])
     for title in ("durations", "resolutions", "fps", "codecs", "members", "rejects"):
         hist = report[title]
@@ -188,22 +243,38 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def extract_sample(target: str | Path, key: str, to: str | Path = ".") -> list[Path]:
-    """Write every member of sample ``key`` (``KEY.json``, ``KEY.mp4``, ...) into ``to``; return the paths."""
+    """Write every member of sample ``key`` (``KEY.json``, ``KEY.mp4``, ...) into ``to``; return the paths.
+
+    Members are copied in 1 MiB pieces by positioned reads (any size, no tar-library buffering); a member
+    that a cut tar does not hold whole is an error naming where the tar ends, after the whole ones are written.
+    Only the member's base name is used, so nothing is written outside ``to``."""
     out = Path(to)
     for tar_path in resolve_shards(target):
-        with tarfile.open(tar_path, mode="r:") as tar:
-            written = []
-            for member in tar:
-                if member.isfile() and _split_key(member.name)[0] == key:
-                    f = tar.extractfile(member)
+        written: list[Path] = []
+        with open(tar_path, "rb") as f:
+            fd = f.fileno()
+            size = os.fstat(fd).st_size
+            get = lambda a, b, fd=fd, n=size: os.pread(fd, max(0, min(b, n) - a), a)  # noqa: E731
+            try:
+                for name, data, length in _iter_members(get, size):
+                    if _split_key(name)[0] != key:
+                        if written:
+                            return written  # members of a sample are contiguous
+                        continue
+                    if data + length > size:
+                        raise AlproError(f"{tar_path}: member {name} of sample {key!r} is cut off: the tar ends "
+                                         f"at byte {size} (written: {', '.join(p.name for p in written) or 'none'})")
                     out.mkdir(parents=True, exist_ok=True)
-                    dest = out / Path(member.name).name
-                    dest.write_bytes(f.read() if f else b"")
+                    dest = out / Path(name).name
+                    with open(dest, "wb") as sink:
+                        for a in range(data, data + length, 1 << 20):
+                            sink.write(get(a, min(a + (1 << 20), data + length)))
                     written.append(dest)
-                elif written:
-                    return written  # members of a sample are contiguous
-            if written:
-                return written
+            except SampleError as e:
+                if not written and e.reason != "truncated":  # a cut tail only ends the search in this shard
+                    raise AlproError(f"{tar_path}: not a readable tar ({e})") from None
+        if written:
+            return written
     raise AlproError(f"no sample with key {key!r} in {target}")
 
 

@@ -4,27 +4,34 @@
     loader = build_train_loader(cfg, "pretrain", tok, rank, world_size, seed)
     for batch in loader: ...
     state = loader.state_dict(); loader.load_state_dict(state)
+
+The names below are imported on first use (PEP 562), so that light modules (``alpro.data.shards``,
+``alpro.data.meta``, ``alpro.data.config``) can be used, e.g. by ``alpro inspect``, without importing torch.
 """
 
-from alpro.data.batch import CLIP_MEAN, CLIP_STD, Batch
-from alpro.data.config import DataConfig, PemConfig, RandAugmentConfig, SplitConfig
-from alpro.data.loader import Loader, build_answer_vocab, build_eval_loader, build_train_loader, corpus_texts
-from alpro.data.text import IMAGE_PROMPT_TEMPLATES, VIDEO_PROMPT_TEMPLATES, build_tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "Batch",
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "DataConfig",
-    "SplitConfig",
-    "RandAugmentConfig",
-    "PemConfig",
-    "Loader",
-    "build_train_loader",
-    "build_eval_loader",
-    "build_answer_vocab",
-    "build_tokenizer",
-    "corpus_texts",
-    "VIDEO_PROMPT_TEMPLATES",
-    "IMAGE_PROMPT_TEMPLATES",
-]
+import importlib
+
+_WHERE = {
+    "Batch": "batch", "CLIP_MEAN": "batch", "CLIP_STD": "batch",
+    "DataConfig": "config", "SplitConfig": "config", "RandAugmentConfig": "config", "PemConfig": "config",
+    "LimitsConfig": "config",
+    "Loader": "loader", "build_train_loader": "loader", "build_eval_loader": "loader",
+    "build_answer_vocab": "loader", "corpus_texts": "loader",
+    "build_tokenizer": "text", "VIDEO_PROMPT_TEMPLATES": "text", "IMAGE_PROMPT_TEMPLATES": "text",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'alpro.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"alpro.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -111,6 +111,44 @@ class PemConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Caps on what a shard may make the loader allocate, checked from tar headers / image headers before the
+    bytes are read or decoded (``docs/loader.md``, Bad data). A sample over a cap is skipped and counted
+    (``skipped/too_large``, ``skipped/too_many_pixels``), like any other bad sample."""
+
+    video_bytes: int = 512 << 20
+    """Largest video member (mp4, webm, mkv, ...): 512 MiB, room for a 10-minute 1080p source clip kept with
+    ``--copy``; the sharder's transcoded clips are a few hundred KB."""
+    image_bytes: int = 64 << 20
+    """Largest image member (jpg, png, webp, ...): 64 MiB, far above any photo a training set holds."""
+    other_bytes: int = 16 << 20
+    """Largest member of any other kind (json, txt, vinfo, ...): 16 MiB; the sharder's are under 4 KB."""
+    image_pixels: int = 4096 * 4096
+    """Largest image (width x height, read from the image header before decoding): 16.8 Mpx, whose RGB
+    decode is 50 MB. A training image ends up as a 224 px crop; a bigger one costs memory and time only."""
+
+    def __post_init__(self) -> None:
+        if min(self.video_bytes, self.image_bytes, self.other_bytes, self.image_pixels) < 1:
+            raise ValueError("limits.* must be >= 1")
+
+    def member_cap(self, ext: str) -> tuple[str, int]:
+        """(kind, cap) of a member by its extension (the last dotted part decides: ``seg.mp4`` is a video)."""
+        from alpro.data.shards import IMAGE_EXTS, VIDEO_EXTS
+
+        last = ext.rsplit(".", 1)[-1].lower()
+        if last in VIDEO_EXTS:
+            return "video", self.video_bytes
+        if last in IMAGE_EXTS:
+            return "image", self.image_bytes
+        return "other", self.other_bytes
+
+    @property
+    def sample_bytes(self) -> int:
+        """Largest sample byte range read in one piece: one media member and a few small ones."""
+        return max(self.video_bytes, self.image_bytes) + 4 * self.other_bytes
+
+
+@dataclass
 class DataConfig:
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=SplitConfig)
@@ -179,6 +217,16 @@ class DataConfig:
     """Streaming sources (``pipe:``): per-worker shuffle buffer in samples. Also the shuffle buffer
     (``initial_fill``) of DALI's webdataset reader with ``dali_reader: webdataset``."""
 
+    pipe_retries: int = 2
+    """``pipe:`` sources: a command that exits with a non-zero status is run again this many times (after 1 s,
+    2 s, ...; samples it already delivered are not repeated), then the loader stops with one line naming the
+    command, its exit status and the last line of its stderr."""
+    allow_index_outside: bool = False
+    """Read shards that an ``index.json.zst`` lists outside its own directory (``../x.tar``, absolute paths,
+    another bucket or prefix for URLs). Off: such an index is refused with one line naming the entry, so an
+    index from someone else cannot make the loader read arbitrary files."""
+
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     randaugment: RandAugmentConfig = field(default_factory=RandAugmentConfig)
     pem: PemConfig = field(default_factory=PemConfig)
 
@@ -197,8 +245,8 @@ class DataConfig:
             raise ValueError("batch_size and eval_batch_size must be >= 1")
         if self.num_workers < 0 or self.prefetch_factor < 1 or self.dali_threads < 1 or self.decoder_threads < 0:
             raise ValueError("num_workers must be >= 0, prefetch_factor and dali_threads >= 1, decoder_threads >= 0")
-        if self.shuffle_block < 0 or self.max_replacements < 1 or self.stream_buffer < 1:
-            raise ValueError("shuffle_block must be >= 0, max_replacements and stream_buffer >= 1")
+        if self.shuffle_block < 0 or self.max_replacements < 1 or self.stream_buffer < 1 or self.pipe_retries < 0:
+            raise ValueError("shuffle_block and pipe_retries must be >= 0, max_replacements and stream_buffer >= 1")
         if self.frame_size % self.pem.patch_size:
             raise ValueError(f"frame_size ({self.frame_size}) must be a multiple of pem.patch_size "
                              f"({self.pem.patch_size}): PEM boxes live on the patch grid")

@@ -304,7 +304,7 @@ class DaliReaderLoader:
             raise AlproError(f"data.{split}.image_fraction 1.0 leaves no video for DALI's webdataset reader; "
                              "use data.dali_reader: plan")
         _, spec, index, _ = sources[0]
-        self.shardset = resolve(spec, f"data.{split}.video", index)
+        self.shardset = resolve(spec, f"data.{split}.video", index, cfg.allow_index_outside)
         self.device = dali_device(cfg)
         check_reader_shards(self.shardset, f"data.{split}.video", self.device)
 

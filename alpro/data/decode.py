@@ -169,10 +169,17 @@ def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, i
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), decoded
 
 
-def decode_picture(data: bytes) -> torch.Tensor:
-    """JPEG / PNG / WebP bytes -> (3, H, W) uint8 RGB (Pillow; grey, palette and CMYK images are converted)."""
+def decode_picture(data: bytes, max_pixels: int = 4096 * 4096) -> torch.Tensor:
+    """JPEG / PNG / WebP bytes -> (3, H, W) uint8 RGB (Pillow; grey, palette and CMYK images are converted).
+
+    The size is read from the image header first: an image over ``max_pixels`` (``data.limits.image_pixels``)
+    raises SampleError('too_many_pixels') before a single pixel is decoded (a 200 KB PNG can hold 64 Mpx)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise SampleError("too_many_pixels", f"image of {width}x{height} pixels, over the cap of "
+                                  f"{max_pixels} (data.limits.image_pixels)")
             rgb = np.asarray(image.convert("RGB"))
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SampleError("decode_error", f"image: {e}") from None

@@ -65,14 +65,17 @@ def task_sources(cfg: DataConfig, task: str, split: str) -> list[tuple[str, Any,
     return out
 
 
-def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int | None = None) -> list:
+def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int | None = None,
+              cfg: DataConfig | None = None) -> list:
     """``fn(members)`` over the small members (json, txt) of samples ``ids`` (default: all, or ``limit`` spread
-    evenly over the set), read in parallel threads (I/O bound); None where a sample cannot be read. Streaming
-    sets are read front to back up to ``limit`` samples."""
+    evenly over the set), read in parallel threads (I/O bound); where a sample cannot be read or ``fn`` rejects
+    it, the :class:`SampleError` itself (its ``reason`` says why). Streaming sets are read front to back up to
+    ``limit`` samples. ``cfg`` supplies the size caps and ``pipe:`` retries (defaults when None)."""
+    cfg = cfg or DataConfig()
     if shardset.streaming:
         out: list = []
         for shard in shardset.shards:
-            for _, members in stream_samples(shard.url, on_error=lambda exn: None):
+            for _, members in stream_samples(shard.url, out.append, cfg.limits, cfg.pipe_retries):
                 out.append(_try(fn, members))
                 if limit is not None and len(out) >= limit:
                     return out
@@ -84,12 +87,12 @@ def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int 
 
     def one(gid: int):
         if not hasattr(local, "reader"):
-            local.reader = Reader()
+            local.reader = Reader(limits=cfg.limits)
         try:
             shard, j = shardset.locate(int(gid))
             return fn(local.reader.head(shard, j))
-        except SampleError:
-            return None
+        except SampleError as e:
+            return e
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         return list(pool.map(one, ids, chunksize=64))
@@ -98,24 +101,35 @@ def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int 
 def _try(fn, members):
     try:
         return fn(members)
-    except SampleError:
-        return None
+    except SampleError as e:
+        return e
 
 
-def item_table(shardset: ShardSet, kind: str, task: str, train: bool, cfg: DataConfig) -> tuple[ItemTable, int]:
-    """Items of a source and how many samples yielded none. Samples of the other media are left out, so one
+def _ok(found) -> bool:
+    return not isinstance(found, SampleError)
+
+
+def item_table(shardset: ShardSet, kind: str, task: str, train: bool, cfg: DataConfig) -> tuple[ItemTable, Counter]:
+    """Items of a source and, by reason, the samples left out. Samples of the other media are left out, so one
     mixed shard set can serve as both ``video`` and ``image``. Retrieval training (per caption) and QA read
-    each sample's json/txt once to expand it into its captions / questions."""
+    each sample's json/txt once to expand it into its captions / questions: a sample with none is left out
+    (``missing_text``), one that cannot be read or parsed too in training (``truncated``, ``bad_metadata``,
+    ...); evaluation keeps it as one item, which then becomes an invalid slot, so no clip silently vanishes
+    from a metric's denominator."""
     media = np.concatenate([s.media for s in shardset.shards]) if shardset.shards else np.zeros(0, np.uint8)
     keep = (media == (MEDIA_VIDEO if kind == "video" else MEDIA_IMAGE)) | (media == MEDIA_UNKNOWN)
     ids = np.flatnonzero(keep).astype(np.int64)
     per_caption = task == "retrieval" and train and cfg.retrieval_items == "per_caption" and not cfg.paragraph
     if not (task == "qa" or per_caption):
-        return ItemTable(shardset, ids, np.full(len(ids), -1, np.int32)), 0
-    counts = np.array([c or 0 for c in map_heads(shardset, lambda m: count_subitems(task, m), ids)], dtype=np.int64)
+        return ItemTable(shardset, ids, np.full(len(ids), -1, np.int32)), Counter()
+    found = map_heads(shardset, lambda m: count_subitems(task, m), ids, cfg=cfg)
+    left_out = Counter(f.reason if not _ok(f) else "missing_text" for f in found if not _ok(f) or not f)
+    counts = np.array([f if _ok(f) else (0 if train else 1) for f in found], dtype=np.int64)
+    if not train:
+        left_out = Counter({"missing_text": left_out["missing_text"]} if left_out["missing_text"] else {})
     sample = np.repeat(ids, counts)
     sub = np.concatenate([np.arange(c, dtype=np.int32) for c in counts] or [np.zeros(0, np.int32)])
-    return ItemTable(shardset, sample, sub), int((counts == 0).sum())
+    return ItemTable(shardset, sample, sub), left_out
 
 
 # ------------------------------------------------------------------------------------------------- loader
@@ -169,15 +183,19 @@ class Loader:
         sources = task_sources(cfg, task, split)
         self.kinds = [kind for kind, *_ in sources]
         self.weights = [w for *_, w in sources]
-        self.shardsets = [resolve(spec, f"data.{split}.{kind}", index) for kind, spec, index, _ in sources]
+        self.shardsets = [resolve(spec, f"data.{split}.{kind}", index, cfg.allow_index_outside)
+                          for kind, spec, index, _ in sources]
         if any(s.streaming for s in self.shardsets):
             raise AlproError(f"data.{split}: pipe: sources are streamed; use build_train_loader(...) which routes "
                              "them to the streaming loader")
         tables, dropped = zip(*(item_table(s, k, task, self.train, cfg) for s, k in zip(self.shardsets, self.kinds)))
         self.tables = list(tables)
-        for kind, table, n_dropped in zip(self.kinds, self.tables, dropped):
-            if n_dropped:
-                LOG.warning(f"data.{split}.{kind}: {n_dropped} samples have no caption/question and are left out")
+        self._skips: Counter = Counter()
+        for kind, table, left_out in zip(self.kinds, self.tables, dropped):
+            if left_out:
+                why = ", ".join(f"{n} {_LEFT_OUT.get(r, r)}" for r, n in sorted(left_out.items()))
+                LOG.warning(f"data.{split}.{kind}: {sum(left_out.values())} samples are left out ({why})")
+                self._skips.update(left_out)
             if len(table) == 0:
                 raise AlproError(f"data.{split}.{kind}: no usable samples for task {task}")
         self.items = ItemLoader(cfg, task, split, self.tables, seed, answer_vocab)
@@ -199,7 +217,6 @@ class Loader:
         self._dataloader: DataLoader | None = None
         self._state = {"step": 0, "sources": [[0, 0] for _ in self.kinds]}
         self._window = MetricsWindow()
-        self._skips: Counter = Counter()
 
     # -- decoder selection
 
@@ -342,6 +359,8 @@ class Loader:
         self._dataloader = None
 
 
+_LEFT_OUT = {"missing_text": "without caption/question", "truncated": "cut off by a truncated tar",
+             "bad_metadata": "with a malformed KEY.json"}
 _ATTR = {"task": "task", "seed": "seed", "world_size": "world", "batch_size": "batch_size"}
 
 
@@ -435,11 +454,12 @@ def build_answer_vocab(train_source: str | list[str] | DataConfig, top_k: int = 
         spec, index = train_source, None
     if spec is None:
         raise AlproError("build_answer_vocab: no training shards given")
-    shardset = resolve(spec, "qa answers", index)
+    cfg = train_source if isinstance(train_source, DataConfig) else DataConfig()
+    shardset = resolve(spec, "qa answers", index, cfg.allow_index_outside)
     answers_of = lambda m: [str(p.get("answer", "")).strip() for p in qa_of(read_meta(m))]  # noqa: E731
     counts: Counter = Counter()
-    for answers in map_heads(shardset, answers_of):
-        counts.update(a for a in (answers or []) if a)
+    for answers in map_heads(shardset, answers_of, cfg=cfg):
+        counts.update(a for a in (answers if _ok(answers) else []) if a)
     if not counts:
         raise AlproError(f"build_answer_vocab: no QA answers in {spec}")
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
@@ -458,6 +478,7 @@ def corpus_texts(cfg: DataConfig, task: str, limit: int | None = 200_000) -> lis
 
     texts: list[str] = []
     for kind, spec, index, _ in task_sources(cfg, task, "train"):
-        for found in map_heads(resolve(spec, f"data.train.{kind}", index), texts_of, limit=limit):
-            texts.extend(t for t in (found or []) if t)
+        shardset = resolve(spec, f"data.train.{kind}", index, cfg.allow_index_outside)
+        for found in map_heads(shardset, texts_of, limit=limit, cfg=cfg):
+            texts.extend(t for t in (found if _ok(found) else []) if t)
     return texts

@@ -25,6 +25,7 @@ import torch
 from alpro.data.batch import Batch
 from alpro.data.config import DataConfig
 from alpro.data.decode import VideoMeta, decode_picture, decode_video, meta_from_json, probe
+from alpro.data.meta import meta_problem
 from alpro.data.pem import draw_box, patch_mask
 from alpro.data.plan import AUGMENT, FRAMES, MLM, PEM, TEXT, ItemTable, Task, item_rng, rng
 from alpro.data.sampling import sample_frames
@@ -43,8 +44,9 @@ def read_meta(members: dict[str, bytes]) -> dict:
         meta = json.loads(members["json"].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise SampleError("bad_metadata", f"json: {e}") from None
-    if not isinstance(meta, dict):
-        raise SampleError("bad_metadata", "json is not an object")
+    problem = meta_problem(meta)
+    if problem is not None:
+        raise SampleError("bad_metadata", problem)
     return meta
 
 
@@ -143,7 +145,7 @@ class ItemLoader:
     def reader(self) -> Reader:
         """One reader per process: open files (and fsspec handles) belong to the process that opened them."""
         if self._reader is None or self._pid != os.getpid():
-            self._reader, self._pid = Reader(), os.getpid()
+            self._reader, self._pid = Reader(limits=self.cfg.limits), os.getpid()
         return self._reader
 
     def prepare(self, source: int, epoch: int, item: int) -> Prepared:
@@ -176,7 +178,7 @@ class ItemLoader:
         else:
             height, width = int(meta.get("height") or 0), int(meta.get("width") or 0)
             if not (height and width):
-                height, width = decode_picture(data).shape[-2:]
+                height, width = decode_picture(data, self.cfg.limits.image_pixels).shape[-2:]
             out.image = self.image_tf.draw(draw(AUGMENT), height, width)
         if self.pem:
             out.box = draw_box(draw(PEM), self.cfg.frame_size, self.cfg.frame_size, self.cfg.pem)
@@ -213,7 +215,7 @@ class ItemLoader:
             raw, decoded = decode_video(p.data, p.frames, p.vmeta, size, self.cfg.interpolation,
                                         self.cfg.decoder_threads)
             return Rendered(self.clip_tf.apply(raw, p.clip), decoded, len(p.frames))
-        pixels = self.image_tf.apply(decode_picture(p.data), p.image)  # (1, C, S, S)
+        pixels = self.image_tf.apply(decode_picture(p.data, self.cfg.limits.image_pixels), p.image)  # (1, C, S, S)
         return Rendered(pixels.expand(self.num_frames, -1, -1, -1), 1, 1)
 
 

@@ -16,8 +16,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import posixpath
 import re
+import subprocess
 import tarfile
+import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from braceexpand import braceexpand
 
+from alpro.data.config import LimitsConfig
 from alpro.errors import AlproError
 
 INDEX_NAME = "index.json.zst"
@@ -33,6 +38,7 @@ VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 MEDIA_VIDEO, MEDIA_IMAGE, MEDIA_UNKNOWN = 0, 1, 2
 _BLOCK = 512
+_MAX_RECORD = 1 << 16  # a GNU long name or PAX header record; real ones are a few hundred bytes
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's rule: key = path up to the first dot
 
 
@@ -103,9 +109,48 @@ def _expand(spec: str) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _read_index(path: str) -> dict:
+# zstd JSON of an index: a sample costs ~150 bytes of JSON (key, offset, size, media, frame count) and
+# compresses 3-8x; 64x plus a 64 MiB floor leaves a wide margin for real indexes while a bomb (a 32 KB file
+# declaring 1 GiB) is refused before anything is allocated.
+INDEX_MIN_LIMIT = 64 << 20
+INDEX_RATIO_LIMIT = 64
+
+
+def index_output_limit(compressed: int) -> int:
+    """Most bytes an index of ``compressed`` bytes may decompress to."""
+    return max(INDEX_MIN_LIMIT, INDEX_RATIO_LIMIT * compressed)
+
+
+def decompress_index(raw: bytes, path: str) -> bytes:
+    """Zstandard-decompress an index with its output bounded by :func:`index_output_limit`.
+
+    A frame that declares its content size (the sharder's do) is checked from its header, before any output
+    buffer exists; one that does not is decompressed in 1 MiB steps and stopped at the limit."""
     import zstandard
 
+    limit = index_output_limit(len(raw))
+    try:
+        declared = zstandard.frame_content_size(raw)
+    except zstandard.ZstdError as e:
+        raise AlproError(f"{path}: unreadable shard index (not zstandard: {e})") from None
+    if declared > limit:
+        raise AlproError(f"{path}: index declares {declared} bytes of JSON in {len(raw)} compressed bytes, over the "
+                         f"{limit}-byte limit for an index of this size (a decompression bomb?)")
+    out, total = [], 0
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        while chunk := reader.read(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                raise AlproError(f"{path}: index expands past {limit} bytes from {len(raw)} compressed bytes "
+                                 "(a decompression bomb?)")
+            out.append(chunk)
+    except zstandard.ZstdError as e:
+        raise AlproError(f"{path}: unreadable shard index ({e})") from None
+    return b"".join(out)
+
+
+def _read_index(path: str) -> dict:
     try:
         if _is_url(path):
             import fsspec
@@ -114,30 +159,66 @@ def _read_index(path: str) -> dict:
                 raw = f.read()
         else:
             raw = Path(path).read_bytes()
-        data = json.loads(zstandard.ZstdDecompressor().decompress(raw, max_output_size=1 << 34))
+        data = json.loads(decompress_index(raw, path))
     except (OSError, ValueError) as e:
         raise AlproError(f"{path}: unreadable shard index ({e})") from None
-    if data.get("format") != "alpro-shards" or "shards" not in data:
-        raise AlproError(f"{path}: not an alpro shard index (format={data.get('format')!r})")
+    if not isinstance(data, dict) or data.get("format") != "alpro-shards" or not isinstance(data.get("shards"), list):
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise AlproError(f"{path}: not an alpro shard index (format={found!r})")
     return data
 
 
-def _shard_from_entry(entry: dict, base: str) -> Shard:
-    n = int(entry["num_samples"])
-    media = entry.get("media") or ["unknown"] * n
-    codes = {"video": MEDIA_VIDEO, "image": MEDIA_IMAGE}
-    url = f"{base.rstrip('/')}/{entry['file']}" if _is_url(base) else str(Path(base) / entry["file"])
+def _inside(base: str, name: object, what: str, allow_outside: bool) -> str:
+    """``base/name`` after checking that ``name`` (an index entry's ``file`` / ``idx``) stays inside ``base``.
+
+    Refused unless ``allow_outside``: absolute paths, ``..`` that climbs out, a URL (another bucket or host)
+    and, under a URL base, anything that leaves its prefix."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise AlproError(f"{base}/{INDEX_NAME}: shard entry has {what}={name!r}, not a file name")
+    if _is_url(base):
+        joined = f"{base.rstrip('/')}/{name}"
+        escapes = "://" in name or name.startswith("/") or posixpath.normpath(name).split("/")[0] == ".."
+    else:
+        joined = str(Path(base) / name)
+        escapes = os.path.isabs(name) or "://" in name or os.path.normpath(name).split(os.sep)[0] == ".."
+    if escapes and not allow_outside:
+        raise AlproError(f"{base}/{INDEX_NAME}: shard entry {what}={name!r} points outside the index's directory; "
+                         "refused (set data.allow_index_outside: true if you trust this index)")
+    return name if escapes and ("://" in name or os.path.isabs(name)) else joined
+
+
+def _shard_from_entry(entry: dict, base: str, allow_outside: bool = False) -> Shard:
+    if not isinstance(entry, dict):
+        raise AlproError(f"{base}/{INDEX_NAME}: a shard entry is a {type(entry).__name__}, not an object")
+    url = _inside(base, entry.get("file"), "file", allow_outside)
     idx = entry.get("idx")
-    idx_url = (f"{base.rstrip('/')}/{idx}" if _is_url(base) else str(Path(base) / idx)) if idx else None
-    return Shard(
-        url=url,
-        keys=np.array(entry["keys"], dtype="S"),
-        offsets=np.asarray(entry["offsets"], dtype=np.int64),
-        sizes=np.asarray(entry["sizes"], dtype=np.int64),
-        media=np.array([codes.get(m, MEDIA_UNKNOWN) for m in media], dtype=np.uint8),
-        num_frames=np.asarray(entry.get("num_frames") or [-1] * n, dtype=np.int32),
-        index_file=idx_url,
-    )
+    idx_url = _inside(base, idx, "idx", allow_outside) if idx else None
+    try:
+        n = int(entry["num_samples"])
+        media = entry.get("media") or ["unknown"] * n
+        codes = {"video": MEDIA_VIDEO, "image": MEDIA_IMAGE}
+        shard = Shard(
+            url=url,
+            keys=np.array([str(k).encode() for k in entry["keys"]], dtype="S"),
+            offsets=np.asarray(entry["offsets"], dtype=np.int64),
+            sizes=np.asarray(entry["sizes"], dtype=np.int64),
+            media=np.array([codes.get(m, MEDIA_UNKNOWN) if isinstance(m, str) else MEDIA_UNKNOWN for m in media],
+                           dtype=np.uint8),
+            num_frames=np.asarray(entry.get("num_frames") or [-1] * n, dtype=np.int32),
+            index_file=idx_url,
+        )
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise AlproError(f"{base}/{INDEX_NAME}: shard entry {entry.get('file')!r} is malformed ({e!r})") from None
+    lengths = {len(shard.keys), len(shard.offsets), len(shard.sizes), len(shard.media), len(shard.num_frames)}
+    if lengths != {n} or (n and (shard.offsets.min() < 0 or shard.sizes.min() < 0)):
+        raise AlproError(f"{base}/{INDEX_NAME}: shard entry {entry.get('file')!r} is malformed (per-sample lists "
+                         f"of lengths {sorted(lengths)} for num_samples={n}, or negative offsets / sizes)")
+    return shard
+
+
+def _norm(url: str) -> str:
+    """One spelling per local path (``./d/x.tar`` = ``d/x.tar``), to match tars named by a spec to index entries."""
+    return url if _is_url(url) else os.path.normpath(url)
 
 
 def _dirname(url: str) -> str:
@@ -153,8 +234,9 @@ def _exists(path: str) -> bool:
     return os.path.isfile(path)
 
 
-def resolve(spec: str | list[str], name: str, index: str | None = None) -> ShardSet:
-    """The shard set a spec names. ``index`` overrides where ``index.json.zst`` is looked for."""
+def resolve(spec: str | list[str], name: str, index: str | None = None, allow_outside: bool = False) -> ShardSet:
+    """The shard set a spec names. ``index`` overrides where ``index.json.zst`` is looked for. An index whose
+    entries leave its directory is refused unless ``allow_outside`` (``data.allow_index_outside``)."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise AlproError(f"{name}: empty shard list")
@@ -163,16 +245,25 @@ def resolve(spec: str | list[str], name: str, index: str | None = None) -> Shard
     if any(s.startswith("pipe:") for s in specs):
         raise AlproError(f"{name}: cannot mix pipe: commands with seekable shards in one source")
     urls: list[str] = []
-    indexes: dict[str, dict] = {}
+    listed: dict[str, tuple[Shard, dict]] = {}  # url -> (shard from an index, that index's options)
+    read_dirs: set[str] = set()
+
+    def add_index(data: dict, directory: str) -> list[str]:
+        read_dirs.add(directory)
+        found = []
+        for entry in data["shards"]:
+            shard = _shard_from_entry(entry, directory, allow_outside)
+            listed.setdefault(_norm(shard.url), (shard, data.get("options") or {}))
+            found.append(shard.url)
+        return found
+
     for s in specs:
         if s.endswith(INDEX_NAME) or (not _is_url(s) and os.path.isdir(s)):
             path = s if s.endswith(INDEX_NAME) else os.path.join(s, INDEX_NAME)
             if not _exists(path):
                 urls.extend(_expand(os.path.join(s, "*.tar")))  # a directory of foreign shards
                 continue
-            data = _read_index(path)
-            indexes[_dirname(path)] = data
-            urls.extend(_shard_from_entry(e, _dirname(path)).url for e in data["shards"])
+            urls.extend(add_index(_read_index(path), _dirname(path)))
         else:
             expanded = _expand(s)
             missing = [u for u in expanded if not _is_url(u) and not os.path.isfile(u)]
@@ -183,18 +274,19 @@ def resolve(spec: str | list[str], name: str, index: str | None = None) -> Shard
     if not urls:
         raise AlproError(f"{name}: no shards found in {specs}")
     if index is not None:
-        indexes[_dirname(urls[0])] = _read_index(index)
+        add_index(_read_index(index), _dirname(urls[0]))
     shards, options = [], {}
     for url in dict.fromkeys(urls):
         directory = _dirname(url)
-        if directory not in indexes:
+        if _norm(url) not in listed and directory not in read_dirs:
             candidate = f"{directory}/{INDEX_NAME}" if _is_url(url) else os.path.join(directory, INDEX_NAME)
-            indexes[directory] = _read_index(candidate) if _exists(candidate) else {}
-        entries = {e["file"]: e for e in indexes[directory].get("shards", [])}
-        entry = entries.get(url.rsplit("/", 1)[-1])
-        if entry is not None:
-            shards.append(_shard_from_entry(entry, directory))
-            options = options or indexes[directory].get("options", {})
+            if _exists(candidate):
+                add_index(_read_index(candidate), directory)
+            read_dirs.add(directory)
+        if _norm(url) in listed:
+            shard, opts = listed[_norm(url)]
+            shards.append(shard)
+            options = options or opts
         elif _is_url(url):
             raise AlproError(f"{name}: {url} is not listed in an {INDEX_NAME}: remote shards need the index")
         else:
@@ -207,12 +299,15 @@ def _resolve_pipe(specs: list[str], name: str, index: str | None) -> ShardSet:
     commands = [c for s in specs for c in braceexpand(s)]
     entries: dict[str, dict] = {}
     if index is not None:
-        entries = {e["file"]: e for e in _read_index(index)["shards"]}
+        entries = {str(e.get("file")): e for e in _read_index(index)["shards"] if isinstance(e, dict)}
     shards = []
     for cmd in commands:
         entry = next((e for f, e in entries.items() if f in cmd), None)
-        n = int(entry["num_samples"]) if entry else 0
-        keys = np.array(entry["keys"], dtype="S") if entry else np.array([], dtype="S")
+        try:
+            n = int(entry["num_samples"]) if entry else 0
+            keys = np.array([str(k).encode() for k in entry["keys"]], dtype="S") if entry else np.array([], "S")
+        except (KeyError, TypeError, ValueError) as e:
+            raise AlproError(f"{index}: shard entry {entry.get('file')!r} is malformed ({e!r})") from None
         shards.append(Shard(url=cmd, keys=keys, offsets=np.zeros(n, np.int64), sizes=np.zeros(n, np.int64),
                             media=np.full(n, MEDIA_UNKNOWN, np.uint8), num_frames=np.full(n, -1, np.int32)))
     return ShardSet(name=name, shards=shards, streaming=True)
@@ -227,11 +322,13 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _iter_members(get, end: int):
+def _iter_members(get, end: int, whole_tar: bool = False):
     """Yield (name, data_offset, size) for each regular member of a byte range read through ``get(a, b)``.
 
     Only headers (and GNU long-name / PAX records) are fetched, so walking past a large member costs nothing.
-    Headers are parsed by ``tarfile.TarInfo.frombuf``; the walk stops at an all-zero block or the range end."""
+    Headers are parsed by ``tarfile.TarInfo.frombuf``; the walk stops at an all-zero block or the range end.
+    ``whole_tar``: the range is a whole tar file, so ending without the all-zero end-of-archive block, or
+    with a header cut short, raises SampleError('truncated') naming the byte where the file ends."""
     pos, long_name = 0, None
     while pos + _BLOCK <= end:
         block = get(pos, pos + _BLOCK)
@@ -244,6 +341,8 @@ def _iter_members(get, end: int):
         except tarfile.HeaderError as e:
             raise SampleError("bad_tar", str(e)) from None
         data = pos + _BLOCK
+        if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE) and info.size > _MAX_RECORD:
+            raise SampleError("bad_tar", f"tar header at +{pos}: a {info.size}-byte name / PAX record")
         if info.type == tarfile.GNUTYPE_LONGNAME:
             long_name = get(data, data + info.size).rstrip(b"\0").decode("utf-8", "surrogateescape")
         elif info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE):
@@ -254,15 +353,31 @@ def _iter_members(get, end: int):
             if info.isreg():
                 yield name, data, info.size
         pos = data + (info.size + _BLOCK - 1) // _BLOCK * _BLOCK
+    if whole_tar:
+        where = ("without its end-of-archive block" if pos == end else f"inside the header at byte {pos}"
+                 if pos < end else f"inside the member whose data starts at byte {data}")
+        raise SampleError("truncated", f"the tar ends at byte {end}, {where}")
 
 
-def parse_sample(buf: bytes) -> tuple[str, dict[str, bytes]]:
-    """A sample's byte range -> (key, {ext: bytes}). Raises SampleError for a truncated or mixed-key range."""
+def _check_size(name: str, ext: str, size: int, limits: LimitsConfig) -> None:
+    """SampleError('too_large') for a member over its kind's cap (decided from the tar header alone)."""
+    kind, cap = limits.member_cap(ext)
+    if size > cap:
+        raise SampleError("too_large", f"member {name} is {size} bytes, over the {kind} cap of {cap} "
+                          f"(data.limits.{kind}_bytes)")
+
+
+def parse_sample(buf: bytes, limits: LimitsConfig | None = None) -> tuple[str, dict[str, bytes]]:
+    """A sample's byte range -> (key, {ext: bytes}). Raises SampleError for a truncated or mixed-key range, or
+    a member over its size cap."""
+    limits = limits or LimitsConfig()
     key, members = None, {}
     for name, data, size in _iter_members(lambda a, b: buf[a:b], len(buf)):
+        parts = split_name(name)
+        if parts is not None:
+            _check_size(name, parts[1], size, limits)
         if data + size > len(buf):
             raise SampleError("truncated", f"member {name} ends past the sample's byte range")
-        parts = split_name(name)
         if parts is None:
             continue
         if key is None:
@@ -324,26 +439,152 @@ def scan_tar(path: str) -> Shard:
 # ----------------------------------------------------------------------------------------------- reading
 
 
-def stream_samples(url: str, on_error) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) of a tar read front to back (``pipe:`` commands, any URL webdataset opens). A truncated
-    or corrupt tail ends the shard: ``on_error(exception)`` is called and the iteration stops."""
-    import webdataset as wds
+class PipeFailed(Exception):
+    """A ``pipe:`` command exited with a non-zero status (``status``, last stderr line ``last``)."""
 
-    def handler(exn: Exception) -> bool:
-        on_error(exn)
-        return False
+    def __init__(self, status: int, last: str):
+        super().__init__(f"exit status {status}")
+        self.status, self.last = status, last
 
-    for sample in wds.tarfile_samples([{"url": url}], handler=handler):
-        key = sample["__key__"].rsplit("/", 1)[-1]
-        yield key, {k: v for k, v in sample.items() if not k.startswith("__")}
 
+def _open_stream(url: str):
+    """(file object, finish) of a tar read front to back; ``finish()`` waits for a ``pipe:`` command and
+    raises :class:`PipeFailed` when it failed. Its stderr goes to a temporary file (no pipe to fill up)."""
+    if not url.startswith("pipe:"):
+        if _is_url(url):
+            import fsspec
+
+            f = fsspec.open(url, "rb").open()
+        else:
+            f = open(url, "rb")  # noqa: SIM115 -- closed by finish()
+        return f, f.close
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
+                            stdin=subprocess.DEVNULL)
+
+    def finish(kill: bool = False) -> None:
+        if kill and proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        status = proc.wait()
+        err.seek(0, os.SEEK_END)
+        err.seek(max(0, err.tell() - 4096))
+        lines = [ln for ln in err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+        err.close()
+        if status != 0 and not kill:
+            raise PipeFailed(status, lines[-1].strip() if lines else "(no stderr)")
+
+    return proc.stdout, finish
+
+
+def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list[int]):
+    """One pass over a streamed tar: (key, members) of each complete sample after the first ``skip`` events.
+
+    An event is a delivered sample or a reported bad one; ``done[0]`` counts them so that a retry resumes
+    after the last one. Members over their cap are skipped from their header size (tarfile's stream mode
+    reads past them in small blocks); ``.tar.gz`` / ``.tar.bz2`` / ``.tar.xz`` are decompressed on the fly."""
+    f, finish = _open_stream(url)
+    finished = False
+    try:
+        key, members, bad = None, {}, None
+
+        def flush():
+            if key is None:
+                return None
+            done[0] += 1
+            if done[0] <= skip:
+                return None
+            if bad is not None:
+                on_error(bad)
+                return None
+            if not members:
+                return None
+            return key.rsplit("/", 1)[-1], members
+
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for info in tar:
+                    parts = split_name(info.name) if info.isreg() else None
+                    if parts is None or os.path.basename(parts[0]).startswith("__"):
+                        continue
+                    if parts[0] != key:
+                        out = flush()
+                        if out is not None:
+                            yield out
+                        key, members, bad = parts[0], {}, None
+                    if bad is not None or done[0] < skip:
+                        continue
+                    try:
+                        _check_size(info.name, parts[1], info.size, limits)
+                    except SampleError as e:
+                        bad = e
+                        continue
+                    data = tar.extractfile(info).read()
+                    if len(data) < info.size:
+                        raise EOFError(f"member {info.name} is cut short")
+                    members[parts[1]] = data
+                # tarfile's stream mode ends quietly at a cut header or a cut member it skipped: the end of
+                # archive is only proven by a whole (zero) block read where the next header should be.
+                if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
+                    raise EOFError(f"the tar ends at byte {tar.fileobj.pos}, inside the member or header that "
+                                   f"starts at {tar.offset if tar.fileobj.pos >= tar.offset else 'an earlier byte'}")
+        except (tarfile.ReadError, EOFError, OSError) as e:
+            # The stream ends inside a member (a cut shard) or is not a tar at all: the sample being read is
+            # lost, the complete ones before it were delivered. A failed command is reported by finish().
+            finish_error = _finish_quietly(finish)
+            finished = True
+            if finish_error is not None:
+                raise finish_error from None
+            done[0] += 1
+            if done[0] > skip:
+                on_error(SampleError("truncated", f"{url}: {e}"))
+            return
+        out = flush()
+        if out is not None:
+            yield out
+        finished = True
+        finish()
+    finally:
+        if not finished:
+            finish(kill=True)
+
+
+def _finish_quietly(finish) -> PipeFailed | None:
+    try:
+        finish()
+    except PipeFailed as e:
+        return e
+    return None
+
+
+def stream_samples(url: str, on_error, limits: LimitsConfig | None = None,
+                   retries: int = 2) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of a tar read front to back (``pipe:`` commands, local paths, fsspec URLs), grouped by
+    key as webdataset does. A truncated or corrupt tail ends the shard: ``on_error(SampleError('truncated'))``
+    is called and the iteration stops; a sample with a member over its cap is reported the same way
+    (``too_large``) and left out. A ``pipe:`` command that exits with a non-zero status is run again up to
+    ``retries`` times (after 1 s, 2 s, ...), continuing after the samples already delivered; then one
+    :class:`AlproError` names the command, its status and the last line of its stderr."""
+    limits = limits or LimitsConfig()
+    done = [0]
+    for attempt in range(retries + 1):
+        skip, done[0] = done[0], 0
+        try:
+            yield from _stream_once(url, on_error, limits, skip, done)
+            return
+        except PipeFailed as e:
+            done[0] = max(done[0], skip)
+            if attempt == retries:
+                raise AlproError(f"{url[len('pipe:'):]!r} failed with exit status {e.status} "
+                                 f"({attempt + 1} attempt(s)): {e.last}") from None
+            time.sleep(min(2 ** attempt, 8))
 
 
 class Reader:
     """Positioned reads of sample byte ranges with a few open files kept per process (LRU)."""
 
-    def __init__(self, max_open: int = 16):
-        self.max_open = max_open
+    def __init__(self, max_open: int = 16, limits: LimitsConfig | None = None):
+        self.max_open, self.limits = max_open, limits or LimitsConfig()
         self._files: OrderedDict[str, object] = OrderedDict()
 
     def _handle(self, url: str):
@@ -372,6 +613,9 @@ class Reader:
         try:
             handle = self._handle(url)
             if isinstance(handle, int):
+                end = os.fstat(handle).st_size
+                if end < offset + size:  # known before reading: no buffer for bytes that are not there
+                    raise SampleError("truncated", f"{url} ends at {end}, sample needs {offset + size}")
                 data = os.pread(handle, size, offset)
             else:
                 handle.seek(offset)
@@ -383,7 +627,18 @@ class Reader:
         return data
 
     def sample(self, shard: Shard, j: int) -> tuple[str, dict[str, bytes]]:
-        key, members = parse_sample(self.read(shard.url, int(shard.offsets[j]), int(shard.sizes[j])))
+        """Key and members of sample j: one read of its byte range, after the range and every member's header
+        size are checked against ``limits``."""
+        offset, size = int(shard.offsets[j]), int(shard.sizes[j])
+        if size > self.limits.sample_bytes:
+            get = lambda a, b: self.read(shard.url, offset + a, min(b, size) - a)  # noqa: E731
+            for name, _, length in _iter_members(get, size):
+                parts = split_name(name)
+                if parts is not None:
+                    _check_size(name, parts[1], length, self.limits)
+            raise SampleError("too_large", f"{shard.url}@{offset}: sample of {size} bytes, over the "
+                              f"{self.limits.sample_bytes}-byte bound of one media member and four small ones")
+        key, members = parse_sample(self.read(shard.url, offset, size), self.limits)
         expected = shard.keys[j].decode()
         if key != expected:
             raise SampleError("bad_tar", f"{shard.url}@{shard.offsets[j]}: found sample {key}, index says {expected}")
@@ -404,6 +659,7 @@ class Reader:
         for name, data, length in _iter_members(get, size):
             parts = split_name(name)
             if parts and parts[1] in exts:
+                _check_size(name, parts[1], length, self.limits)
                 out[parts[1]] = get(data, data + length)
                 if len(out) == len(exts):
                     break

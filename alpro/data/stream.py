@@ -51,8 +51,10 @@ class _ShardStream(IterableDataset):
         g = rng(self.seed, self.source, ORDER, self.rank, worker, workers, k, 1)
         pool: list = []
         start = int(self.shardset.starts[shard])
-        on_error = lambda exn: stats.skips.update(["truncated_tar"])  # noqa: E731
-        for j, (key, members) in enumerate(stream_samples(self.shardset.shards[shard].url, on_error)):
+        on_error = lambda exn: stats.skips.update([getattr(exn, "reason", "truncated")])  # noqa: E731
+        cfg = self.builder.items.cfg
+        url = self.shardset.shards[shard].url
+        for j, (key, members) in enumerate(stream_samples(url, on_error, cfg.limits, cfg.pipe_retries)):
             pool.append((start + j, key, members))
             if len(pool) >= self.buffer:
                 yield pool.pop(int(g.integers(len(pool))))
@@ -60,6 +62,13 @@ class _ShardStream(IterableDataset):
             yield pool.pop(int(g.integers(len(pool))))
 
     def __iter__(self):
+        try:
+            yield from self._batches()
+        except AlproError as e:  # a command that keeps failing: handed to the main process as one line
+            info = get_worker_info()
+            yield "error", str(e), info.id if info else 0, None
+
+    def _batches(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k, skip = self.positions.get(worker, [0, 0])
@@ -99,7 +108,8 @@ class StreamLoader:
         sources = task_sources(cfg, task, "train")
         self.kinds = [kind for kind, *_ in sources]
         self.weights = [w for *_, w in sources]
-        self.shardsets = [resolve(spec, f"data.train.{kind}", index) for kind, spec, index, _ in sources]
+        self.shardsets = [resolve(spec, f"data.train.{kind}", index, cfg.allow_index_outside)
+                          for kind, spec, index, _ in sources]
         for kind, shardset in zip(self.kinds, self.shardsets):
             if not shardset.streaming:
                 raise AlproError(f"data.train.{kind}: mix of pipe: and seekable sources across video/image")
@@ -161,6 +171,8 @@ class StreamLoader:
             if source not in streams:
                 streams[source] = self._stream(source)
             batch, stats, worker, position = next(streams[source])
+            if batch == "error":
+                raise AlproError(f"data.train.{self.kinds[source]}: {stats}")
             stash[(source, worker)] = (batch, stats, position)
         return stash.pop((source, expected)) + (expected,)
 
