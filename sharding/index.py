@@ -44,9 +44,13 @@ def write_json_zst(path: Path, obj: Any) -> None:
 
 
 def read_json_zst(path: Path) -> Any:
+    """The JSON of a ``.json.zst`` file, its decompressed size bounded as the loader bounds an index
+    (:func:`alpro.data.shards.decompress_index`: a bomb is refused from its frame header, not allocated)."""
+    from alpro.data.shards import decompress_index
+
     try:
-        return json.loads(zstandard.ZstdDecompressor().decompressobj().decompress(Path(path).read_bytes()))
-    except (OSError, zstandard.ZstdError, ValueError) as e:
+        return json.loads(decompress_index(Path(path).read_bytes(), str(path)))
+    except (OSError, ValueError) as e:
         raise AlproError(f"{path}: cannot read zstd JSON ({e})") from None
 
 

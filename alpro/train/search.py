@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -135,14 +136,24 @@ def contact_sheet(hits: list[dict[str, Any]], index_dir: Path, out: Path, frames
     from alpro.data.decode import decode_picture, decode_video, meta_from_json, probe
     from alpro.data.samples import media_member, read_meta
     from alpro.data.sampling import sample_frames
-    from alpro.data.shards import Reader, resolve
+    from alpro.data.shards import Reader, SampleError, resolve
 
     _, _, meta = _read_index(index_dir)
-    shardset = resolve(meta["shards"], "index shards")
+    shardset = resolve(meta["shards"], f"{index_dir}/meta.json shards")
     where = {}
     for shard in shardset.shards:
         for j, key in enumerate(shard.keys):
             where[key.decode()] = (shard, j)
+    # An index can outlive or be moved away from its shards (rebuilt, filtered, another set under the same
+    # path): draw the hits that exist, say which do not, and stop with one line when none does.
+    missing = [h["key"] for h in hits if h["key"] not in where]
+    hits = [h for h in hits if h["key"] in where]
+    if not hits:
+        raise AlproError(f"{index_dir}: none of the hits ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})"
+                         f" is in the shards it names ({meta['shards']}); re-run `alpro index` on those shards")
+    if missing:
+        print(f"contact sheet: {len(missing)} hit(s) not in {meta['shards']} left out: {', '.join(missing[:5])}"
+              + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
     reader = Reader()
     label_h = 14
     sheet = Image.new("RGB", (frames * size, (size + label_h) * len(hits) + label_h), "white")
@@ -150,16 +161,21 @@ def contact_sheet(hits: list[dict[str, Any]], index_dir: Path, out: Path, frames
     draw.text((2, 1), title[: frames * size // 6], fill="black")
     for row, hit in enumerate(hits):
         shard, j = where[hit["key"]]
-        _, members = reader.sample(shard, j)
-        kind, _, data = media_member(members)
-        if kind == "image":
-            pic = decode_picture(data)
-            clip = torch.nn.functional.interpolate(pic[None].float(), size=(size, size)).byte().repeat(frames, 1, 1, 1)
-        else:
-            vmeta = meta_from_json(read_meta(members)) or probe(data)
-            idx = sample_frames("uniform", vmeta.num_frames, frames)
-            clip, _ = decode_video(data, np.asarray(idx), vmeta, size)
         y = label_h + row * (size + label_h)
+        try:
+            _, members = reader.sample(shard, j)
+            kind, _, data = media_member(members)
+            if kind == "image":
+                pic = decode_picture(data)
+                clip = torch.nn.functional.interpolate(pic[None].float(), size=(size, size)).byte()
+                clip = clip.repeat(frames, 1, 1, 1)
+            else:
+                vmeta = meta_from_json(read_meta(members)) or probe(data)
+                idx = sample_frames("uniform", vmeta.num_frames, frames)
+                clip, _ = decode_video(data, np.asarray(idx), vmeta, size)
+        except SampleError as e:  # a damaged sample: its row says why instead of stopping the sheet
+            draw.text((2, y), f"#{hit['rank']} {hit['key']}: unreadable ({e})"[:90], fill="red")
+            continue
         draw.text((2, y), f"#{hit['rank']} {hit['key']}  score {hit['score']:.2f}: {hit['caption']}"[:90],
                   fill="black")
         for f in range(frames):
