@@ -4,6 +4,8 @@ shapes, our safetensors round trip, time-embedding resizing, timm ViT and HF BER
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -73,14 +75,32 @@ def heads_shapes(prefix: str = "") -> dict[str, tuple[int, ...]]:
             f"{prefix}text_proj.weight": (E, HIDDEN), f"{prefix}text_proj.bias": (E,), f"{prefix}temp": ()}
 
 
-def original_pretrain_shapes(frames: int = 4) -> dict[str, tuple[int, ...]]:
-    """``AlproForPretrain.state_dict()``: model + full prompter (its own BERT with MLM head) + prompt buffers."""
-    K = CFG.num_entities
-    shapes = timesformer_shapes("", frames) | bert_shapes("") | heads_shapes()
-    shapes |= {"itm_head.weight": (2, HIDDEN), "itm_head.bias": (2,), "mpm_head.0.weight": (2 * HIDDEN, HIDDEN),
-               "mpm_head.0.bias": (2 * HIDDEN,), "mpm_head.2.weight": (K, 2 * HIDDEN), "mpm_head.2.bias": (K,)}
-    shapes |= timesformer_shapes("prompter.", frames) | bert_shapes("prompter.") | heads_shapes("prompter.")
-    return shapes | {"prompter.video_prompt_feat": (K, CFG.embed_dim), "prompter.image_prompt_feat": (K, CFG.embed_dim)}
+ORIGINAL_KEYS = Path(__file__).parent / "data" / "original_keys"  # derived from the original code (derive.py)
+ORIGINAL_TASKS = {"AlproForPretrain": "pretrain", "AlproForVideoTextRetrieval": "retrieval",
+                  "AlproForSequenceClassification": "qa"}
+
+
+def original_keys(cls: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape at the reference size, kind) of every state_dict key of the original class ``cls``."""
+    rows = []
+    for line in (ORIGINAL_KEYS / f"{cls}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, shape, kind = line.split("\t")
+            rows.append((key, tuple(json.loads(shape)), kind))
+    return rows
+
+
+def original_shapes(cls: str, num_answers: int = 1500) -> dict[str, tuple[int, ...]]:
+    """The original class's keys with the shapes of our ``debug`` model (same structure: 2 blocks, 4 layers,
+    fusion layer 2, 16 entities) where the key maps into it, the reference shape where it does not."""
+    ours = build_model(CFG, ORIGINAL_TASKS[cls], num_answers=num_answers).state_dict()
+    return {k: tuple(ours[map_key(k)].shape) if map_key(k) in ours else shape for k, shape, _ in original_keys(cls)}
+
+
+def original_pretrain_shapes() -> dict[str, tuple[int, ...]]:
+    """``AlproForPretrain.state_dict()``: model + full prompter (its own BERT with MLM head, its itm_head) + prompt
+    buffers."""
+    return original_shapes("AlproForPretrain")
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -127,13 +147,56 @@ def test_original_pretrain_checkpoint_loads_into_every_task(tmp_path):
                             "retrieval")
     report = load_checkpoint(retrieval, path)  # 4 -> 8 frames, as the original's fine-tuning does
     assert report.missing == [] and report.resized == {"video_encoder.time_embed": ((1, 4, C), (1, 8, C))}
-    assert {k.split(".")[0] for k in report.unexpected} == {"text_encoder", "pem_head", "prompter"}  # our names
+    assert {k.split(".")[0] for k in report.unexpected} == {"pem_head", "prompter"}  # our names
+    assert {k for k in report.ignored if k.startswith("text_encoder.cls.")}  # the MLM head, dropped with a reason
     te = retrieval.video_encoder.time_embed.detach()
     torch.testing.assert_close(te[0, 0::2], state["visual_encoder.model.time_embed"][0])
     torch.testing.assert_close(te[0, 1::2], state["visual_encoder.model.time_embed"][0])
     assert_loaded(retrieval, state)
     with pytest.raises(AlproError, match="strict load failed"):
         load_checkpoint(retrieval, path, strict=True)
+
+
+@pytest.mark.parametrize("cls", list(ORIGINAL_TASKS))
+def test_strict_load_maps_or_drops_every_original_key(tmp_path, cls):
+    """Issue 10 item 19: every state_dict key of the original's three classes (the lists derived from the original
+    code, tests/data/original_keys/) is loaded under our name or dropped with a stated reason, strictly."""
+    state = random_state(original_shapes(cls))
+    torch.save(state, tmp_path / f"{cls}.pt")
+    model = build_model(CFG, ORIGINAL_TASKS[cls], num_answers=1500)
+    report = load_checkpoint(model, tmp_path / f"{cls}.pt", strict=True)
+    assert report.source == "original" and report.ok
+    assert set(report.reasons) == set(report.ignored) and all(report.reasons.values())
+    ours = model.state_dict()
+    for key, value in state.items():
+        mapped = map_key(key)
+        if mapped in report.ignored:
+            continue
+        assert mapped in ours, f"{key} neither loaded nor dropped"
+        torch.testing.assert_close(ours[mapped], value.to(ours[mapped].dtype), msg=key)
+    assert report.loaded + len(report.ignored) == len(state)
+    expected_drops = {"AlproForPretrain": {"prompter.vtm_head.weight", "prompter.vtm_head.bias",
+                                           "prompter.text_encoder.cls.predictions.bias",
+                                           "prompter.text_encoder.bert.encoder.layer.2.output.dense.weight"},
+                      "AlproForVideoTextRetrieval": {"video_encoder.head.weight"},
+                      "AlproForSequenceClassification": {"temp", "vision_proj.weight", "text_proj.bias",
+                                                         "vtm_head.weight", "video_encoder.head.bias",
+                                                         "text_encoder.bert.embeddings.position_ids"}}[cls]
+    assert expected_drops <= set(report.ignored)
+    assert "never" in report.reasons["video_encoder.head.weight"]
+
+
+def test_original_keys_come_from_the_original_classes():
+    """The data files hold what the original builds, including what the hand-written list once omitted."""
+    pretrain = {k for k, _, _ in original_keys("AlproForPretrain")}
+    assert {"prompter.itm_head.weight", "prompter.itm_head.bias", "prompter.video_prompt_feat",
+            "text_encoder.cls.predictions.decoder.weight", "mpm_head.2.bias"} <= pretrain
+    assert len(pretrain) == 278 - 6  # the file's lines minus its 6-line header
+    retrieval = {k for k, _, _ in original_keys("AlproForVideoTextRetrieval")}
+    assert retrieval == {k for k in pretrain if not k.startswith(("prompter.", "mpm_head."))}
+    qa = {k for k, _, _ in original_keys("AlproForSequenceClassification")}
+    assert "text_encoder.encoder.layer.3.output.dense.weight" in qa and "itm_head.weight" in qa
+    assert not any(k.startswith(("text_encoder.bert.", "text_encoder.cls.")) for k in qa)
 
 
 def test_original_qa_and_lavis_layouts(tmp_path):

@@ -41,6 +41,9 @@ IGNORED_KEYS: tuple[tuple[re.Pattern, str], ...] = (
 UNUSED_BY_TASK: dict[str, tuple[re.Pattern, str]] = {
     "prompter": (re.compile(r"vtm_head\."),
                  "the original Prompter inherits AlproBaseModel's itm_head; its VTC-only forward never calls it"),
+    "retrieval": (re.compile(r"text_encoder\.cls\."),
+                  "AlproForVideoTextRetrieval's text encoder is a BertForMaskedLM whose MLM head its forward never "
+                  "calls"),
     "qa": (re.compile(r"(temp$|vision_proj\.|text_proj\.|vtm_head\.)"),
            "AlproForSequenceClassification inherits AlproBaseModel's VTC projections, temperature and itm_head; "
            "its forward uses only the classifier"),
@@ -147,6 +150,9 @@ def detect_source(keys: list[str]) -> str:
         return "alpro"
     if any(k.startswith(("visual_encoder.", "prompter.visual_encoder.")) for k in keys):
         original = any(".bert." in k or k.startswith(("mpm_head.", "prompter.")) for k in keys)
+        # the original QA model is a BertModel like LAVIS's, but keeps the inherited itm_head next to its classifier
+        original = original or (any(k.startswith("classifier.") for k in keys)
+                                and any(k.startswith("itm_head.") for k in keys))
         return "original" if original else "lavis"
     raise AlproError("unrecognised checkpoint layout: no video_encoder.* or visual_encoder.model.* keys")
 
