@@ -713,7 +713,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max-source-duration", type=float, default=d.max_source_duration,
                    help="reject sources longer than this (seconds) (default: %(default)s)")
     g.add_argument("--min-side", type=int, default=d.min_side, help="reject frames with a shorter side (default: %(default)s)")
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger frames (width x height) (default: %(default)s)")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger frames, width x height, read from the header before decoding "
+                        "(default: %(default)s = 7680x4320, 8K UHD)")
     g.add_argument("--max-aspect", type=float, default=d.max_aspect, help="reject more elongated frames (default: %(default)s)")
     g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars,
                    help="drop longer captions (reject the sample if none is left) (default: %(default)s)")

@@ -42,7 +42,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     The temporary name is unique (``.NAME.XXXX.tmp``), so nodes writing the same file at once (``build.json``
     on a shared file system) never write into each other's temporary.
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _named(e, path) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -23,6 +23,7 @@ from pathlib import Path
 import media_factory as mf
 import pytest
 
+from alpro.errors import AlproError
 from alpro.sharding.index import read_index
 from alpro.sharding.media import DEFAULT_MAX_PIXELS, MediaLimits, Reject, encode_image
 from alpro.sharding.shard import ShardOptions, main, shard_manifest
@@ -333,5 +334,20 @@ def test_disk_full_is_one_line_leaves_no_temporaries_and_resumes_byte_identical(
         assert f"{len(completed)} shard(s) resumed" in rerun.stdout
         assert _outputs(out) == _outputs(reference)
         assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(out)], check=False, capture_output=True)
+
+
+def test_a_read_only_out_dir_is_one_line_naming_the_file(tmp_path):
+    assert os.geteuid() == 0, "mounting a read-only tmpfs needs root (the test machines run tests as root)"
+    manifest = _jsonl(tmp_path / "m.jsonl", [{"video": "a.mp4", "caption": "c"}])
+    mf.make_video(tmp_path / "a.mp4")
+    out = tmp_path / "ro"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(out)], check=True, capture_output=True)
+    try:
+        with pytest.raises(AlproError) as e:
+            shard_manifest(manifest, out, **FAST)
+        assert str(e.value) == f"{out / 'build.json'}: {os.strerror(errno.EROFS)}"
     finally:
         subprocess.run(["umount", str(out)], check=False, capture_output=True)
