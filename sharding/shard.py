@@ -288,7 +288,7 @@ def _check_captions(row: ManifestRow, max_chars: int) -> tuple[list[str], int]:
 def _finite_json(value: Any) -> tuple[Any, int]:
     """``value`` with every NaN/Infinity float replaced by ``None``, and how many were replaced.
 
-    Manifests read with :mod:`json` accept ``NaN`` and ``Infinity`` (pandas writes them for missing values), but
+    Manifests read with :mod:`json` accept ``NaN`` and ``Infinity`` (``json.dumps`` writes a pandas gap as NaN), but
     they are not JSON: stored as they are, ``KEY.json`` would not parse in strict readers (browsers, Go, jq).
     ``null`` is what JSON has for "no number"; the sample itself (media, captions) is good, so it is kept and
     the replacements are counted (``nonfinite_nulled`` in the stats).
