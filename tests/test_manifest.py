@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from alpro.errors import AlproError
-from alpro.sharding.manifest import read_manifest, sanitize_key, select_rows
+from alpro.sharding.manifest import read_manifest, relative_source, sanitize_key, select_rows
 
 
 def _write(path: Path, text: str | bytes) -> Path:
@@ -156,3 +158,25 @@ def test_sanitize_key():
     assert sanitize_key("") == "_"
     long_a, long_b = "x" * 200, "x" * 199 + "y"
     assert len(sanitize_key(long_a)) == 90 and sanitize_key(long_a) != sanitize_key(long_b)
+
+
+def test_symlink_loops_are_left_for_the_sharder_and_roots_give_relative_sources(tmp_path):
+    """A relative path that is a symlink loop used to abort reading the whole manifest (Path.resolve); paths are
+    now joined to the root without resolving, and the row is the sharder's to reject. Every format records its
+    root, which the sharder stores sources relative to."""
+    os.symlink("b.mp4", tmp_path / "a.mp4")
+    os.symlink("a.mp4", tmp_path / "b.mp4")
+    m = _write(tmp_path / "m.jsonl", '{"video": "a.mp4", "caption": "loop"}\n{"video": "sub/c.mp4", "caption": "c"}\n')
+    man = read_manifest(m)
+    assert [r.source for r in man.rows] == [str(tmp_path / "a.mp4"), str(tmp_path / "sub" / "c.mp4")]
+    assert man.root == tmp_path
+    assert [relative_source(r.source, man.root) for r in man.rows] == ["a.mp4", "sub/c.mp4"]
+    assert relative_source(str(tmp_path / "x.mp4"), tmp_path / "deep" / "root") == "../../x.mp4"
+    assert relative_source("/abs/x.mp4", None) == "/abs/x.mp4"
+    assert read_manifest(m, media_root=tmp_path / "media").root == tmp_path / "media"
+    _write(tmp_path / "folder" / "clip.txt", "a caption\n")
+    _write(tmp_path / "folder" / "clip.mp4", b"")
+    folder = read_manifest(tmp_path / "folder")
+    assert folder.root == tmp_path / "folder" and relative_source(folder.rows[0].source, folder.root) == "clip.mp4"
+    shutil.copytree(tmp_path / "folder", tmp_path / "elsewhere" / "folder")
+    assert read_manifest(tmp_path / "elsewhere" / "folder").sha256 == folder.sha256  # the hash has no directory
