@@ -251,6 +251,40 @@ def test_grad_checkpointing_trains_with_identical_gradients():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("task", ["qa", "retrieval"])
+def test_original_ckpt_freeze_leaves_timesformer_attn_and_mlp_without_gradient(task):
+    """Issue 10 item 20: with ``original_ckpt_freeze`` (the published QA fine-tuning) every block's attn,
+    temporal_attn and mlp weights get no gradient and leave the optimizer; without it they train. Gradients of
+    everything else are unchanged (they flow through the frozen weights, as through the original's checkpoint)."""
+    from alpro.train.runtime import param_groups
+
+    frozen_parts = (".attn.", ".temporal_attn.", ".mlp.")
+    grads, frozen = [], []
+    for knob in (False, True):
+        cfg = dataclasses.replace(debug_cfg(), grad_checkpointing=True, original_ckpt_freeze=knob)
+        torch.manual_seed(0)
+        model = build_model(cfg, task, vocab_size=VOCAB, num_answers=3).train()
+        for block in model.video_encoder.blocks:  # zero at init, which would starve the temporal path of gradient
+            torch.nn.init.normal_(block.temporal_fc.weight, std=0.02)
+        torch.manual_seed(1)
+        model(make_batch(cfg), negatives=(torch.tensor([1, 2, 3, 0]), torch.tensor([3, 0, 1, 2])))["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        frozen.append({n for n, p in model.named_parameters() if n.startswith("video_encoder.blocks.")
+                       and any(part in n for part in frozen_parts)})
+        in_optimizer = {id(p) for g in param_groups(model, 0.01, model.no_weight_decay()) for p in g["params"]}
+        names_in_optimizer = {n for n, p in model.named_parameters() if id(p) in in_optimizer}
+        assert (names_in_optimizer & frozen[-1]) == (set() if knob else frozen[-1])
+    without, with_knob = grads
+    assert len(frozen[1]) == 2 * 12  # 2 blocks x (attn qkv/proj + temporal_attn qkv/proj + mlp fc1/fc2) x (w, b)
+    assert all(without[n] is not None and without[n].any() for n in frozen[0])  # the fix: they train
+    assert all(with_knob[n] is None for n in frozen[1])  # the published behaviour: no gradient
+    for name, g in without.items():
+        if name not in frozen[1]:
+            assert with_knob[name] is not None, name
+            torch.testing.assert_close(with_knob[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(n.endswith("temporal_norm1.weight") for n in without) and not any("norm" in n for n in frozen[1])
+
+
 # ---------------------------------------------------------------------------------------------------- losses
 
 

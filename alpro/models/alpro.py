@@ -75,6 +75,8 @@ class ALPRO(nn.Module):
         D = cfg.text.hidden_size
 
         self.video_encoder = VideoEncoder(cfg.vision, cfg.attention_backend)
+        if cfg.original_ckpt_freeze:  # the published QA run's frozen TimeSformer weights (see the config field)
+            self.video_encoder.freeze_as_original_checkpointing()
         self.text_encoder = TextEncoder(cfg.text, text_only=task == "prompter", mlm_head=self.use_mlm)
         if task != "qa":
             self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)

@@ -123,6 +123,13 @@ class ModelConfig:
     """VTC loss kernel: None = the process-wide default."""
     grad_checkpointing: bool = False
     """Recompute every TimeSformer block and BERT layer in backward (torch.utils.checkpoint, non-reentrant)."""
+    original_ckpt_freeze: bool = False
+    """Reproduce the published QA fine-tuning, where the original's gradient checkpointing (the ``_gc`` TimeSformer
+    config of msrvtt_qa / msvd_qa) calls ``CheckpointFunction.apply(module, 1, x)`` with no parameters, so every
+    block's ``attn``, ``temporal_attn`` and ``mlp`` weights get no gradient and never change. True freezes exactly
+    those (``requires_grad=False``: they leave the optimizer, weight decay included, as AdamW skips a parameter
+    whose grad is None); gradients still flow through them to everything else, as in the original. Independent of
+    ``grad_checkpointing``: ours computes full gradients either way. Default False: every weight trains (the fix)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.temp_min <= self.temp_init <= self.temp_max:

@@ -151,6 +151,17 @@ class VideoEncoder(nn.Module):
             nn.init.zeros_(blk.temporal_fc.weight)
             nn.init.zeros_(blk.temporal_fc.bias)
 
+    def freeze_as_original_checkpointing(self) -> list[str]:
+        """Stop training the weights the original's gradient checkpointing left without gradient: every block's
+        ``attn``, ``temporal_attn`` and ``mlp`` (``ModelConfig.original_ckpt_freeze``). Returns their names."""
+        frozen = []
+        for i, blk in enumerate(self.blocks):
+            for part in ("attn", "temporal_attn", "mlp"):
+                for name, p in getattr(blk, part).named_parameters():
+                    p.requires_grad_(False)
+                    frozen.append(f"blocks.{i}.{part}.{name}")
+        return frozen
+
     def embed(self, video: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, 1 + N*T, C): patch, spatial and temporal embeddings, in block row order."""
         B, _, T, H, W = video.shape
