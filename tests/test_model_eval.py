@@ -10,9 +10,11 @@ from alpro.models.evaluation import (
     RetrievalEmbeddings,
     embed_texts,
     embed_videos,
+    original_protocol_metrics,
     paragraph_queries,
     qa_accuracy,
     retrieval_metrics,
+    round_like_original,
     scores_lavis,
     scores_original,
     vtm_pair_logits,
@@ -95,3 +97,57 @@ def test_lavis_protocol_reranks_the_vtc_top_k(scored):
         torch.testing.assert_close(t2v[t, top], match[t, top] + cos[top, t])
     full_v2t, _ = scores_lavis(model, emb, k_test=100, batch_size=3)  # k beyond Nt: every pair re-scored
     torch.testing.assert_close(full_v2t, match.t() + cos)
+
+
+def original_ranking_metrics(scores: torch.Tensor, gt: list[int]) -> dict[str, float]:
+    """The released code's ranking, written out as it does it (run_video_retrieval.get_retrieval_scores):
+    torch.sort(descending=True) per row, the ground truth's position in it, R@k and numpy-style median / mean."""
+    _, order = torch.sort(scores, dim=1, descending=True)
+    ranks = (order == torch.tensor(gt)[:, None]).float().argmax(1) + 1
+    return {"r1": 100 * float((ranks <= 1).float().mean()), "r5": 100 * float((ranks <= 5).float().mean()),
+            "medr": float(ranks.double().quantile(0.5)), "meanr": float(ranks.double().mean())}
+
+
+def test_round_like_original_is_pythons_round_in_float32():
+    probs = torch.tensor([[0.50001, 0.50004, 0.123449997, 0.99995], [0.00005, 0.33335, 0.66665, 1.0]])
+    rounded = round_like_original(probs)
+    assert rounded.dtype == torch.float32 and rounded.shape == probs.shape
+    expected = [[round(float(v), 4) for v in row] for row in probs]
+    assert rounded.tolist() == torch.tensor(expected, dtype=torch.float32).tolist()
+    assert rounded[0, 0] == rounded[0, 1] == torch.tensor(0.5)  # distinct probabilities, tied after rounding
+
+
+def test_original_rounding_ranks_ties_in_torch_sort_order():
+    """Issue 10 item 21: VTM probabilities rounded to 4 decimals, ties broken by torch.sort's (column) order."""
+    # 3 texts, 3 clips, text i <-> clip i. Unrounded, every ground truth is strictly best except text 2's.
+    probs = torch.tensor([[0.90004, 0.90001, 0.1],    # gt 0 ties clip 1 after rounding; clip 1 is later: rank 1
+                          [0.70001, 0.70004, 0.2],    # gt 1 ties clip 0 after rounding; clip 0 is earlier: rank 2
+                          [0.30001, 0.30002, 0.30004]])  # gt 2 ties clips 0 and 1, both earlier: rank 3
+    gt = [0, 1, 2]
+    plain = retrieval_metrics(probs, gt)
+    assert plain["t2v_r1"] == 100.0 and plain["t2v_meanr"] == 1.0
+    rounded = round_like_original(probs)
+    released = retrieval_metrics(rounded, gt, ties="sort_order")
+    assert released["t2v_r1"] == pytest.approx(100 / 3) and released["t2v_meanr"] == 2.0
+    assert released["t2v_medr"] == 2.0
+    optimistic = retrieval_metrics(rounded, gt)  # the same rounded matrix, ties in the ground truth's favour
+    assert optimistic["t2v_r1"] == 100.0
+    assert original_protocol_metrics(probs, gt, rounding=True) == released  # what eval.original_rounding runs
+    assert original_protocol_metrics(probs, gt) == plain
+    # the closed form equals the original's own procedure, in both directions (one caption per clip)
+    for direction, matrix in (("t2v", rounded), ("v2t", rounded.t())):
+        ref = original_ranking_metrics(matrix, gt)
+        for k, v in ref.items():
+            assert released[f"{direction}_{k}"] == pytest.approx(v), (direction, k)
+
+
+def test_sort_order_ties_match_torch_sort_on_a_random_tied_matrix():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randint(0, 4, (40, 30), generator=g).float() / 4  # many ties
+    gt = torch.randint(0, 30, (40,), generator=g).tolist()
+    ours = retrieval_metrics(probs, gt, ties="sort_order")
+    for k, v in original_ranking_metrics(probs, gt).items():
+        assert ours[f"t2v_{k}"] == pytest.approx(v), k
+    assert retrieval_metrics(probs, gt)["t2v_meanr"] < ours["t2v_meanr"]  # optimistic ties rank higher
+    with pytest.raises(ValueError, match="unknown tie rule"):
+        retrieval_metrics(probs, gt, ties="pessimistic")

@@ -10,8 +10,14 @@ Retrieval, two protocols:
   with ``vtm logit[:, 1] + cosine`` and leave -100 elsewhere; one matrix per direction.
 
 Metrics are R@1/5/10 (percent), median and mean rank (1-indexed), text->video and video->text. A rank is
-1 + the number of candidates scored strictly higher than the ground truth; for video->text it is the best rank
-over that clip's captions. DiDeMo's paragraph-to-video mode joins each clip's captions into one query.
+1 + the number of candidates scored strictly higher than the ground truth (``ties="optimistic"``); for
+video->text it is the best rank over that clip's captions. DiDeMo's paragraph-to-video mode joins each clip's
+captions into one query.
+
+The released code ranks differently (``eval.original_rounding``): it writes each VTM probability as
+``round(p, 4)`` into its result file, rebuilds a float32 matrix from it and takes each ground truth's position
+in ``torch.sort(descending=True)``, so a candidate tied with the ground truth after rounding counts against it
+when that sort puts it first (``ties="sort_order"``, after :func:`round_like_original`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -124,6 +131,31 @@ def _rerank(model: ALPRO, emb: RetrievalEmbeddings, sims: torch.Tensor, k_test: 
     return scores
 
 
+Ties = Literal["optimistic", "sort_order"]
+
+
+def round_like_original(scores: torch.Tensor, decimals: int = 4) -> torch.Tensor:
+    """Each score as the original stores it: Python's ``round(float(p), 4)`` (correctly rounded, half to even on
+    the exact binary value; ``torch.round(x, decimals=4)`` differs on rare values), back in float32."""
+    return torch.tensor([[round(v, decimals) for v in row] for row in scores.float().tolist()],
+                        dtype=torch.float32).view(scores.shape)
+
+
+def _ranks(scores: torch.Tensor, gt: torch.Tensor, ties: Ties) -> torch.Tensor:
+    """(rows, cols) scores, (rows,) ground-truth columns -> (rows,) 1-indexed ranks.
+
+    ``optimistic``: 1 + #candidates scored strictly higher. ``sort_order``: the ground truth's position in
+    ``torch.sort(descending=True)`` of its row on the CPU, exactly the released code's call: among equal scores
+    the order is whatever that (not stable) sort returns -- column order for short rows, implementation-defined
+    for long ones -- so it is computed by sorting, not by a formula."""
+    if ties == "optimistic":
+        return (scores > scores.gather(1, gt[:, None])).sum(1) + 1
+    if ties != "sort_order":
+        raise ValueError(f"unknown tie rule {ties!r}; choose optimistic or sort_order")
+    _, order = torch.sort(scores.cpu(), dim=1, descending=True)
+    return (order == gt[:, None]).int().argmax(1) + 1
+
+
 def _rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
     """Recalls in percent; MdR as numpy's median (the mean of the middle two for an even count), as the original."""
     if len(ranks) == 0:
@@ -134,28 +166,37 @@ def _rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
 
 
 def retrieval_metrics(score_t2v: torch.Tensor, text_to_video: Sequence[int] | torch.Tensor,
-                      score_v2t: torch.Tensor | None = None) -> dict[str, float]:
+                      score_v2t: torch.Tensor | None = None, ties: Ties = "optimistic") -> dict[str, float]:
     """R@1/5/10, MdR, MnR for both directions as ``t2v_r1``, ..., ``v2t_meanr``.
 
     ``score_t2v`` (Nt, Nv); ``text_to_video[i]`` = the clip of text i; ``score_v2t`` (Nv, Nt) defaults to
-    ``score_t2v.T`` (the original protocol's single matrix).
+    ``score_t2v.T`` (the original protocol's single matrix). ``ties``: how a candidate scored equal to the
+    ground truth counts (see :func:`_ranks`).
     """
-    score_t2v = score_t2v.float()
+    score_t2v = score_t2v.float().cpu()
     gt = torch.as_tensor(text_to_video, dtype=torch.long)
-    score_v2t = score_t2v.t() if score_v2t is None else score_v2t.float()
-    t2v_gt = score_t2v.gather(1, gt[:, None])  # (Nt, 1)
-    t2v_ranks = (score_t2v > t2v_gt).sum(1) + 1
+    score_v2t = score_t2v.t() if score_v2t is None else score_v2t.float().cpu()
+    t2v_ranks = _ranks(score_t2v, gt, ties)
     texts_of: dict[int, list[int]] = defaultdict(list)
     for t, v in enumerate(gt.tolist()):
         texts_of[v].append(t)
     v2t_ranks = []
     for v in range(score_v2t.shape[0]):
         if texts_of[v]:  # a clip without captions has nothing to retrieve
-            row = score_v2t[v]
-            v2t_ranks.append(min(int((row > row[t]).sum()) + 1 for t in texts_of[v]))
+            row = score_v2t[v:v + 1].expand(len(texts_of[v]), -1)
+            v2t_ranks.append(int(_ranks(row, torch.tensor(texts_of[v]), ties).min()))
     out = {f"t2v_{k}": val for k, val in _rank_metrics(t2v_ranks).items()}
     out.update({f"v2t_{k}": val for k, val in _rank_metrics(torch.tensor(v2t_ranks)).items()})
     return out
+
+
+def original_protocol_metrics(scores: torch.Tensor, text_to_video: Sequence[int] | torch.Tensor,
+                              rounding: bool = False) -> dict[str, float]:
+    """Metrics of the original protocol's (Nt, Nv) VTM probabilities. ``rounding`` (``eval.original_rounding``)
+    ranks as the released code: probabilities rounded to 4 decimals, ties in ``torch.sort`` order."""
+    if rounding:
+        return retrieval_metrics(round_like_original(scores), text_to_video, ties="sort_order")
+    return retrieval_metrics(scores, text_to_video)
 
 
 def paragraph_queries(all_texts: Sequence[Sequence[str]]) -> list[str]:

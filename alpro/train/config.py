@@ -115,6 +115,10 @@ class EvalConfig:
     protocol: Literal["original", "lavis", "both"] = "lavis"
     """Retrieval scoring: 'original' scores every pair with VTM; 'lavis' re-ranks the VTC top-k by
     VTM logit + cosine."""
+    original_rounding: bool = False
+    """With protocol 'original': rank as the released code does, on VTM probabilities rounded to 4 decimals with
+    ties in torch.sort order (a tied candidate counts against the ground truth when that sort puts it first).
+    Off: unrounded probabilities, ties optimistic (docs/model.md, Evaluation)."""
     k_test: int = 128
     batch_size: int = 64
     """Fusion passes per forward during scoring. (DiDeMo's paragraph-to-video queries: ``data.paragraph``.)"""

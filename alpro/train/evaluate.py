@@ -103,7 +103,12 @@ def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragra
 def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, split: str,
                        protocol: str | None = None, progress: bool = False) -> dict[str, float]:
     from alpro.data import build_eval_loader
-    from alpro.models.evaluation import retrieval_metrics, scores_lavis, scores_original
+    from alpro.models.evaluation import (
+        original_protocol_metrics,
+        retrieval_metrics,
+        scores_lavis,
+        scores_original,
+    )
 
     protocol = protocol or cfg.eval.protocol
     loader = build_eval_loader(cfg.data, "retrieval", tokenizer, rank, world, split=split, seed=cfg.seed)
@@ -119,7 +124,8 @@ def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, spl
     shard = (rank, world)
     if has_vtm and protocol in ("original", "both"):
         scores = _sum_across_ranks(scores_original(model, emb, cfg.eval.batch_size, progress, shard=shard))
-        out.update({f"original_{k}": v for k, v in retrieval_metrics(scores, gt).items()})
+        metrics = original_protocol_metrics(scores, gt, rounding=cfg.eval.original_rounding)
+        out.update({f"original_{k}": v for k, v in metrics.items()})
     if has_vtm and protocol in ("lavis", "both"):
         v2t, t2v = scores_lavis(model, emb, cfg.eval.k_test, cfg.eval.batch_size, progress, shard=shard)
         v2t, t2v = _sum_across_ranks(v2t), _sum_across_ranks(t2v)
