@@ -14,7 +14,9 @@ Reading a sample is one positioned read of its byte range, then a walk over the 
 from __future__ import annotations
 
 import glob
+import io
 import json
+import lzma
 import os
 import posixpath
 import re
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import zstandard
 from braceexpand import braceexpand
 
 from alpro.data.config import LimitsConfig
@@ -502,7 +505,7 @@ def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list
             return key.rsplit("/", 1)[-1], members
 
         try:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
+            with tarfile.open(fileobj=_decompressed(f), mode="r|", bufsize=1 << 16) as tar:
                 for info in tar:
                     parts = split_name(info.name) if info.isreg() else None
                     if parts is None or os.path.basename(parts[0]).startswith("__"):
@@ -528,7 +531,7 @@ def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list
                 if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
                     raise EOFError(f"the tar ends at byte {tar.fileobj.pos}, inside the member or header that "
                                    f"starts at {tar.offset if tar.fileobj.pos >= tar.offset else 'an earlier byte'}")
-        except (tarfile.ReadError, EOFError, OSError) as e:
+        except (tarfile.ReadError, EOFError, OSError, lzma.LZMAError, zstandard.ZstdError) as e:
             # The stream ends inside a member (a cut shard) or is not a tar at all: the sample being read is
             # lost, the complete ones before it were delivered. A failed command is reported by finish().
             finish_error = _finish_quietly(finish)
@@ -547,6 +550,47 @@ def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list
     finally:
         if not finished:
             finish(kill=True)
+
+
+class _Prefixed(io.RawIOBase):
+    """``head`` (bytes already read to sniff the format), then the rest of ``f``."""
+
+    def __init__(self, head: bytes, f):
+        self.head, self.f = head, f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def _decompressed(f):
+    """A plain tar stream from ``f``: gzip, bzip2, xz and zstd are recognised by their magic bytes.
+
+    The stdlib / zstandard readers return at most what is asked for, so skipping a huge member costs CPU
+    only; tarfile's own ``r|*`` decompresses a whole input block at once and re-copies its remainder on every
+    read, which is quadratic on a highly compressed member (a 1 GiB run of zeros)."""
+    import bz2
+    import gzip
+
+    head = f.read(6)
+    stream = io.BufferedReader(_Prefixed(head, f), 1 << 20)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=stream, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(stream)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(stream)
+    if head.startswith(b"\x28\xb5\x2f\xfd"):
+        return zstandard.ZstdDecompressor().stream_reader(stream, read_across_frames=True)
+    return stream
 
 
 def _finish_quietly(finish) -> PipeFailed | None:
