@@ -30,7 +30,7 @@ from alpro.config import from_dict
 from alpro.data import DataConfig, build_eval_loader, build_tokenizer, build_train_loader
 from alpro.data.decode import decode_picture
 from alpro.data.shards import INDEX_NAME, SampleError, resolve, stream_samples
-from alpro.errors import AlproError
+from alpro.errors import AlproError, ConfigError
 from alpro.sharding.inspect import extract_sample, format_report, inspect_shards
 from alpro.sharding.inspect import main as inspect_main
 
@@ -261,7 +261,7 @@ def test_index_bomb_is_refused_without_allocating(tmp_path, declare):
     assert bomb.stat().st_size < 64 << 10
     out, rss = _run_measured(f"""
         from alpro.data.shards import resolve
-        from alpro.errors import AlproError
+        from alpro.errors import AlproError, ConfigError
         try:
             resolve({str(tmp_path / "set")!r}, "bomb")
         except AlproError as e:
@@ -375,7 +375,7 @@ def test_default_caps_are_stated_and_configurable():
     doc = (REPO / "docs" / "loader.md").read_text()
     for name in ("limits.video_bytes", "limits.image_bytes", "limits.other_bytes", "limits.image_pixels"):
         assert name in doc
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match="limits"):
         from_dict(DataConfig, {"limits": {"video_bytes": 0}})
 
 
