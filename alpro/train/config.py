@@ -205,7 +205,7 @@ def check_inputs(cfg: RunConfig) -> None:
             specs = [] if spec is None else [spec] if isinstance(spec, str) else list(spec)
             local = [s for s in specs if not s.startswith("pipe:") and "://" not in s]
             if local and len(local) == len(specs):
-                resolve(spec, f"data.{split}.{kind}", index)
+                resolve(spec, f"data.{split}.{kind}", index, cfg.data.allow_index_outside)
     for name in ("weights", "prompter", "vit", "bert", "tokenizer", "entities"):
         path = getattr(cfg.init, name)
         if path is not None and not Path(path).exists():
