@@ -133,11 +133,15 @@ def ref():
     vocab = (DATA / "vocab.txt").read_text(encoding="utf-8").splitlines()  # the reference's vocab_file, as a dict
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     weights = regenerate_weights(spec)
+    state = weights | {f"prompter.{b}": io[b] for b in PROMPT_BUFFERS}  # the original's full state_dict
     model = build_model(config_from_meta(meta), "pretrain")
-    report = load_state(model, weights, "regenerated original AlproForPretrain", strict=True, skip=PROMPT_BUFFERS)
+    report = load_state(model, state, "regenerated original AlproForPretrain", strict=True)
+    loaded_prompts = {b: getattr(model.prompter, b).clone() for b in PROMPT_BUFFERS}
     model.eval()
     with torch.no_grad():
-        model.build_prompts(tokenizer, meta["entities"])
+        for b in PROMPT_BUFFERS:  # so the comparison below cannot pass on the loaded copies
+            getattr(model.prompter, b).zero_()
+        model.build_prompts(tokenizer, meta["entities"])  # ours, from our tokenizer and templates, are tested
 
     B, T, C, H, W = io["raw"].shape
     mean, std = torch.tensor(CLIP_MEAN).view(1, 1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 1, 3, 1, 1)
@@ -151,8 +155,9 @@ def ref():
     cap = Capture(vtm=model.vtm_head, pem=model.pem_head, mlm=model.text_encoder.cls)
     with torch.no_grad():
         out = model(batch, negatives=negatives)
-    return dict(spec=spec, meta=meta, io=io, tokenizer=tokenizer, weights=weights, model=model, report=report,
-                batch=batch, negatives=negatives, out=out, cap=cap, patch=patch)
+    return dict(spec=spec, meta=meta, io=io, tokenizer=tokenizer, weights=weights, state=state, model=model,
+                report=report, loaded_prompts=loaded_prompts, batch=batch, negatives=negatives, out=out, cap=cap,
+                patch=patch)
 
 
 def test_weights_regenerate_bit_exactly(ref):
@@ -169,10 +174,12 @@ def test_weights_regenerate_bit_exactly(ref):
 
 def test_strict_load_maps_or_drops_every_original_key(ref):
     """Every key of the original's state_dict is loaded under our name or dropped with a stated reason."""
-    report, weights = ref["report"], ref["weights"]
+    report, state = ref["report"], ref["state"]
     assert report.source == "original" and report.ok
     assert report.missing == [] and report.unexpected == []
-    assert report.loaded + len(report.ignored) == len(weights) == 270  # 264 params + 4 aliases + 2 position_ids
+    assert report.loaded + len(report.ignored) == len(state) == 272  # 264 params, 4 aliases, 4 buffers
+    for b in PROMPT_BUFFERS:  # the original's prompt buffers load as ours (before build_prompts replaced them)
+        assert torch.equal(ref["loaded_prompts"][b], ref["io"][b])
     assert set(report.reasons) == set(report.ignored)
     dropped = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("prompter.") else "") for k in report.ignored}
     assert dropped == {"video_encoder", "text_encoder", "prompter.video_encoder", "prompter.text_encoder",
