@@ -22,8 +22,10 @@ Backends (``backend=`` or :func:`set_attention_backend`):
   197 tokens, 12 x 64 heads (benchmarks/bench_kernels.py): temporal pass 2.8-3.8x faster than ``reference``,
   spatial pass within +-10%.
 
-``deterministic`` (Triton spatial backward only; the other paths ignore it): None follows
-``torch.are_deterministic_algorithms_enabled()``. The Triton temporal backward is deterministic by construction.
+``deterministic`` (Triton only; the other paths ignore it): None follows
+``torch.are_deterministic_algorithms_enabled()``. True pins one tile config per kernel on GPUs (autotuning picks by
+timing, and another tile shape sums in another order) and makes the spatial backward atomic-free; the temporal
+backward has no atomics in either mode.
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def temporal_attention(
     if name == "triton":
         from alpro.kernels import attention_triton
 
-        return attention_triton.temporal_attention(qkv, num_frames, num_heads, scale)
+        return attention_triton.temporal_attention(qkv, num_frames, num_heads, scale, deterministic)
     return temporal_attention_reference(qkv, num_frames, num_heads, scale, attend=_ATTEND[name])
 
 

@@ -37,12 +37,17 @@ import triton
 import triton.language as tl
 
 from alpro.kernels.triton_support import (
+    ARCHS,
     accumulator_dtype,
+    deterministic_requested,
+    device_arch,
     device_guard,
     dot_precision,
     interpreting,
+    launch,
     launch_error,
     matmul_dtype,
+    tf32_enabled,
     tl_dtype,
 )
 
@@ -320,11 +325,13 @@ def _spatial_bwd_dkdv_kernel(
 
 # ---------------------------------------------------------------------------------------------- tuning
 # Nothing here was timed on a GPU yet (this project's machines have none). Candidates follow the FlashAttention
-# Triton kernels' choices for head dims <= 128; each list was then cut to the configs that ptxas compiles for
-# both sm_80 and sm_90 without spilling registers and within shared memory, measured here with
-# `python -m alpro.kernels.compile_check` (tests/test_kernels_compile.py keeps asserting it). Two width classes:
-# "narrow" (16-bit operands, head dim <= 64: ALPRO) and "wide" (fp32 operands or head dim 128), each compiled at
-# its worst case (bf16/64 and fp32/128). `benchmarks/bench_kernels.py` times them where a GPU exists.
+# Triton kernels' choices for head dims <= 128; each list was then cut, per architecture, to the configs that
+# ptxas compiles without spilling registers and within shared memory *as a launch builds them* (Triton
+# specialises the integer arguments of a real call: C = 768 and strides divisible by 16),
+# measured with `python -m alpro.kernels.compile_check` (tests/test_kernels_compile.py keeps asserting it). Two
+# width classes: "narrow" (16-bit operands, head dim <= 64: ALPRO) and "wide" (fp32 operands or head dim 128),
+# each compiled at its worst case (bf16/64 and fp32/128). `benchmarks/gpu_check.py` times them where a GPU exists.
+# The first config of each list is the one deterministic runs pin.
 
 
 def _configs(*specs: tuple[int, ...]) -> list[triton.Config]:
@@ -333,60 +340,116 @@ def _configs(*specs: tuple[int, ...]) -> list[triton.Config]:
     return [triton.Config(dict(zip(names, spec)), num_warps=spec[-2], num_stages=spec[-1]) for spec in specs]
 
 
+def _same(table: dict) -> dict:
+    """One list for both architecture families."""
+    return {arch: table for arch in ARCHS}
+
+
+# Three width classes: "narrow" (16-bit operands, head dim <= 64: ALPRO in bf16/fp16), "wide" (TF32 operands or
+# head dim 128) and "ieee" (fp32 operands with the TF32 switch off: the exact-reproduction knob; FMA-based dots
+# need far more registers, so only small tiles compile without spills there). Each is compiled at its worst case:
+# bf16 / 64, fp32-tf32 / 128 and fp32-ieee / 128.
+#
 # Temporal: one tile per program and no K loop, so num_stages=1 (nothing to pipeline). Small tiles waste fewer
 # block-diagonal products (T=8: 12.5% of a 64-row tile's scores are used, 6% of a 128-row one) but launch more
-# programs. Measured spills: 128 rows spill in the narrow backward on sm_80 (576 B) and in both wide passes.
-TEMPORAL_FWD_CONFIGS = {
+# programs. Measured spills: 128 rows spill in the narrow backward on sm_80 (576 B) and in both wide passes; in
+# IEEE fp32 every 32-row backward tile spills (208-1600 B), so IEEE fp32 supports T <= 16.
+TEMPORAL_FWD_CONFIGS = _same({
     "narrow": _configs((32, 4, 1), (64, 4, 1), (128, 8, 1)),
     "wide": _configs((32, 4, 1), (64, 8, 1)),
-}
-TEMPORAL_BWD_CONFIGS = {
+    "ieee": _configs((16, 4, 1), (16, 8, 1), (32, 8, 1)),
+})
+TEMPORAL_BWD_CONFIGS = _same({
     "narrow": _configs((32, 4, 1), (64, 4, 1), (64, 8, 1)),
     "wide": _configs((32, 4, 1), (64, 8, 1)),
-}
+    "ieee": _configs((16, 4, 1), (16, 8, 1)),
+})
 # Spatial forward, L = 197: 64-row query tiles use 77% of their rows (4 tiles), 32-row ones 88% (7 tiles).
-# 32 x 64 spills 8 B on sm_90; wide 64 x 64 needs 8 warps (4 spill 112-120 B).
-SPATIAL_FWD_CONFIGS = {
+# 32 x 64 spills 8 B on sm_90; wide 64 x 64 needs 8 warps (4 spill 112-120 B); IEEE needs 8 warps on sm_90.
+SPATIAL_FWD_CONFIGS = _same({
     "narrow": _configs((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)),
     "wide": _configs((32, 32, 4, 2), (64, 64, 8, 2)),
-}
+    "ieee": _configs((32, 32, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1)),
+})
 # Backward: dQ keeps one fp32 accumulator, dK/dV two (plus the atomic dQ tile), so the dK/dV kernel gets the
-# smaller tiles: every 64 x 64 dK/dV config spills on sm_80 (80-472 B), and wide only fits 32 x 16.
+# smaller tiles. As a launch builds them (C = 768 specialised): wide dQ 32 x 64 x 8 warps x 1 stage spills 8 B on
+# sm_90 and 32 x 32 x 8 x 2 spills 16 B there, while 32 x 32 x 4 x 2 spills 8 B on sm_80 (in the Delta-only
+# launch of the atomic variant), hence one list per architecture. 64 x 64 dK/dV spills on sm_80 (16-392 B) but
+# compiles on sm_90 with 0 spills (8 warps, 1 or 2 stages; mostly wgmma): sm_90 only. IEEE dQ at head dim 128
+# fits only 16 x 16 x 8 warps.
+_DQ_NARROW = _configs((64, 64, 4, 1), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2))
+_DQ_IEEE = _configs((16, 16, 8, 1))
 SPATIAL_BWD_DQ_CONFIGS = {
-    "narrow": _configs((64, 64, 4, 1), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)),
-    "wide": _configs((32, 32, 4, 2), (32, 64, 8, 1), (64, 64, 8, 2)),
-}
+    80: {"narrow": _DQ_NARROW, "wide": _configs((32, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)),
+         "ieee": _DQ_IEEE},
+    90: {"narrow": _DQ_NARROW, "wide": _configs((32, 32, 8, 1), (64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2),
+                                                (32, 32, 4, 2)),
+         "ieee": _DQ_IEEE},
+}  # fmt: skip
+_DKDV_WIDE, _DKDV_IEEE = _configs((32, 16, 4, 1)), _configs((16, 16, 8, 1), (32, 16, 8, 1))
 SPATIAL_BWD_DKDV_CONFIGS = {
-    "narrow": _configs((64, 32, 4, 2), (64, 32, 8, 1), (32, 32, 4, 2)),
-    "wide": _configs((32, 16, 4, 1)),
+    80: {"narrow": _configs((64, 32, 4, 2), (64, 32, 8, 1), (32, 32, 4, 2)), "wide": _DKDV_WIDE, "ieee": _DKDV_IEEE},
+    90: {"narrow": _configs((64, 32, 4, 2), (64, 32, 8, 1), (32, 32, 4, 2), (64, 64, 8, 1), (64, 64, 8, 2)),
+         "wide": _DKDV_WIDE, "ieee": _DKDV_IEEE},
+}  # fmt: skip
+TABLES = {
+    "temporal_fwd": TEMPORAL_FWD_CONFIGS,
+    "temporal_bwd": TEMPORAL_BWD_CONFIGS,
+    "spatial_fwd": SPATIAL_FWD_CONFIGS,
+    "spatial_bwd_dq": SPATIAL_BWD_DQ_CONFIGS,
+    "spatial_bwd_dkdv": SPATIAL_BWD_DKDV_CONFIGS,
 }
 
 
-def width_class(block_d: int, mm_dtype) -> str:
+def width_class(block_d: int, mm_dtype, precision: str = "tf32") -> str:
+    if mm_dtype == tl.float32 and precision == "ieee":
+        return "ieee"
     return "wide" if block_d > 64 or mm_dtype == tl.float32 else "narrow"
 
 
-def _tuned(kernel, table: dict, key: list[str], reset: tuple[str, ...] = (), whole_groups: bool = False):
-    """Autotune over the width class's list; ``whole_groups``: tiles must hold at least one group of T rows."""
+def candidates(name: str, arch: int, meta: dict, T: int | None = None) -> list[triton.Config]:
+    """The configs autotuning chooses from for kernel ``name`` on ``sm_<arch>`` with constexprs ``meta``
+    (``BLOCK_D``, ``MM_DTYPE``, ``PRECISION``); temporal tiles (``T`` given) must hold whole groups of T rows."""
+    kept = TABLES[name][arch][width_class(meta["BLOCK_D"], meta["MM_DTYPE"], meta["PRECISION"])]
+    return [c for c in kept if c.kwargs["BLOCK_M"] >= T] if T is not None else kept
+
+
+def max_temporal_frames(meta: dict) -> int:
+    """Largest T whose groups fit the temporal tiles of every architecture, forward and backward."""
+    return min(max(c.kwargs["BLOCK_M"] for c in TABLES[name][arch][width_class(meta["BLOCK_D"], meta["MM_DTYPE"],
+                                                                              meta["PRECISION"])])
+               for name in ("temporal_fwd", "temporal_bwd") for arch in ARCHS)  # fmt: skip
+
+
+def _tuned(name: str, kernel, key: list[str], reset: tuple[str, ...] = ()):
+    """Autotune over the architecture's and width class's list."""
 
     def prune(configs, named_args, **kwargs):
-        kept = table[width_class(kwargs["BLOCK_D"], kwargs["MM_DTYPE"])]
-        return [c for c in kept if c.kwargs["BLOCK_M"] >= named_args["T"]] if whole_groups else kept
+        T = named_args["T"] if name.startswith("temporal") else None
+        return candidates(name, device_arch(named_args["QKV"]), kwargs, T)
 
-    configs = table["narrow"] + table["wide"]
+    configs = [c for arch in ARCHS for width in TABLES[name][arch].values() for c in width]
     return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, reset_to_zero=list(reset))(
         kernel
     )
 
 
-_temporal_fwd_tuned = _tuned(_temporal_fwd_kernel, TEMPORAL_FWD_CONFIGS, ["T", "BLOCK_D"], whole_groups=True)
-_temporal_bwd_tuned = _tuned(_temporal_bwd_kernel, TEMPORAL_BWD_CONFIGS, ["T", "BLOCK_D"], whole_groups=True)
-_spatial_fwd_tuned = _tuned(_spatial_fwd_kernel, SPATIAL_FWD_CONFIGS, ["S", "BLOCK_D"])
-_spatial_bwd_dq_tuned = _tuned(_spatial_bwd_dq_kernel, SPATIAL_BWD_DQ_CONFIGS, ["S", "BLOCK_D", "COMPUTE_DQ"])
-# reset_to_zero: benchmarking runs repeat the atomic adds into DQ_ACC.
-_spatial_bwd_dkdv_tuned = _tuned(
-    _spatial_bwd_dkdv_kernel, SPATIAL_BWD_DKDV_CONFIGS, ["S", "BLOCK_D", "ATOMIC_DQ"], reset=("DQ_ACC",)
-)
+TUNED = {
+    "temporal_fwd": _tuned("temporal_fwd", _temporal_fwd_kernel, ["T", "BLOCK_D"]),
+    "temporal_bwd": _tuned("temporal_bwd", _temporal_bwd_kernel, ["T", "BLOCK_D"]),
+    "spatial_fwd": _tuned("spatial_fwd", _spatial_fwd_kernel, ["S", "BLOCK_D"]),
+    "spatial_bwd_dq": _tuned("spatial_bwd_dq", _spatial_bwd_dq_kernel, ["S", "BLOCK_D", "COMPUTE_DQ"]),
+    # reset_to_zero: benchmarking runs repeat the atomic adds into DQ_ACC.
+    "spatial_bwd_dkdv": _tuned("spatial_bwd_dkdv", _spatial_bwd_dkdv_kernel, ["S", "BLOCK_D", "ATOMIC_DQ"],
+                               reset=("DQ_ACC",)),
+}  # fmt: skip
+KERNELS = {
+    "temporal_fwd": _temporal_fwd_kernel,
+    "temporal_bwd": _temporal_bwd_kernel,
+    "spatial_fwd": _spatial_fwd_kernel,
+    "spatial_bwd_dq": _spatial_bwd_dq_kernel,
+    "spatial_bwd_dkdv": _spatial_bwd_dkdv_kernel,
+}
 
 
 def _interpreter_block(n: int) -> int:
@@ -394,12 +457,9 @@ def _interpreter_block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _launch(tuned, kernel, grid, args: tuple, meta: dict, fixed: dict) -> None:
-    """Autotuned launch on GPUs; under the interpreter one fixed config (autotune with >= 2 configs fails there)."""
-    if interpreting():
-        kernel[grid(fixed)](*args, **meta, **fixed, num_warps=4, num_stages=1)
-    else:
-        tuned[grid](*args, **meta)
+def _launch(name: str, grid, args: tuple, meta: dict, fixed: dict, arch: int, pin: bool, T: int | None = None):
+    cands = candidates(name, arch, meta, T)
+    launch(name, TUNED[name], KERNELS[name], grid, args, meta, cands, fixed, pin)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -420,6 +480,11 @@ def check(qkv: torch.Tensor, num_frames: int, num_heads: int, op: str) -> str | 
         return f"{op}: {qkv.shape[1]} rows do not split into T={num_frames} frames"
     if op == "temporal_attention" and num_frames > MAX_TEMPORAL_FRAMES:
         return f"{op}: the Triton kernel supports T <= {MAX_TEMPORAL_FRAMES}, got {num_frames}"
+    if op == "temporal_attention" and not interpreting():
+        limit = max_temporal_frames(_meta(qkv, num_heads))
+        if num_frames > limit:
+            return (f"{op}: the Triton kernel's {qkv.dtype} tiles hold T <= {limit} frames with the TF32 switch "
+                    f"{'on' if tf32_enabled() else 'off'}, got {num_frames}")
     return None
 
 
@@ -458,7 +523,9 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def temporal_forward(qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float) -> torch.Tensor:
+def temporal_forward(
+    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float, deterministic: bool = False
+) -> torch.Tensor:
     qkv = _checked(qkv, num_frames, num_heads, "temporal_attention")
     B, L, C3 = qkv.shape
     out = qkv.new_empty(B, L, C3 // 3)
@@ -468,13 +535,13 @@ def temporal_forward(qkv: torch.Tensor, num_frames: int, num_heads: int, scale: 
 
     args = (qkv, out, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), L, num_frames, C3 // 3, scale)
     with device_guard(qkv):
-        _launch(_temporal_fwd_tuned, _temporal_fwd_kernel, grid, args, _meta(qkv, num_heads),
-                {"BLOCK_M": _interpreter_block(num_frames)})  # fmt: skip
+        _launch("temporal_fwd", grid, args, _meta(qkv, num_heads), {"BLOCK_M": _interpreter_block(num_frames)},
+                device_arch(qkv), deterministic, T=num_frames)  # fmt: skip
     return out
 
 
 def temporal_backward(
-    dout: torch.Tensor, qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float
+    dout: torch.Tensor, qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float, deterministic: bool = False
 ) -> torch.Tensor:
     qkv = _checked(qkv, num_frames, num_heads, "temporal_attention")
     dout = _unit_stride(dout)
@@ -487,13 +554,13 @@ def temporal_backward(
     args = (qkv, dout, dqkv, qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0),
             dqkv.stride(1), L, num_frames, C3 // 3, scale)  # fmt: skip
     with device_guard(qkv):
-        _launch(_temporal_bwd_tuned, _temporal_bwd_kernel, grid, args, _meta(qkv, num_heads),
-                {"BLOCK_M": _interpreter_block(num_frames)})  # fmt: skip
+        _launch("temporal_bwd", grid, args, _meta(qkv, num_heads), {"BLOCK_M": _interpreter_block(num_frames)},
+                device_arch(qkv), deterministic, T=num_frames)  # fmt: skip
     return dqkv
 
 
 def spatial_forward(
-    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float
+    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float, deterministic: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (cls_out (B, T, C), patch_out (B, N*T, C), lse (B*T, H, 1+N) fp32 log2-domain, for the backward)."""
     qkv = _checked(qkv, num_frames, num_heads, "spatial_attention")
@@ -510,8 +577,8 @@ def spatial_forward(
             patch_out.stride(0), patch_out.stride(1), T, S, C, num_heads, scale)  # fmt: skip
     block = min(64, _interpreter_block(S))
     with device_guard(qkv):
-        _launch(_spatial_fwd_tuned, _spatial_fwd_kernel, grid, args, _meta(qkv, num_heads),
-                {"BLOCK_M": block, "BLOCK_N": block})  # fmt: skip
+        _launch("spatial_fwd", grid, args, _meta(qkv, num_heads), {"BLOCK_M": block, "BLOCK_N": block},
+                device_arch(qkv), deterministic)  # fmt: skip
     return cls_out, patch_out, lse
 
 
@@ -539,6 +606,7 @@ def spatial_backward(
     dq_shape = (1, 1, 1) if deterministic else (B, L, C)
     dq_acc = torch.zeros(dq_shape, device=qkv.device, dtype=acc)
     meta = _meta(qkv, num_heads)
+    arch = device_arch(qkv)
     block = min(64, _interpreter_block(S))
     fixed = {"BLOCK_M": block, "BLOCK_N": block}
     common = (T, S, C, num_heads, scale)
@@ -554,12 +622,11 @@ def spatial_backward(
         dq_args = (qkv, cls_out, patch_out, dcls, dpatch, lse, delta, dqkv, cls_grad, qkv.stride(0), qkv.stride(1),
                    cls_out.stride(0), cls_out.stride(1), patch_out.stride(0), patch_out.stride(1), *strides_d,
                    dqkv.stride(0), dqkv.stride(1), *common)  # fmt: skip
-        _launch(_spatial_bwd_dq_tuned, _spatial_bwd_dq_kernel, grid_m, dq_args,
-                {**meta, "COMPUTE_DQ": deterministic}, fixed)  # fmt: skip
+        _launch("spatial_bwd_dq", grid_m, dq_args, {**meta, "COMPUTE_DQ": deterministic}, fixed, arch, deterministic)
         dkdv_args = (qkv, dcls, dpatch, lse, delta, dqkv, cls_grad, dq_acc, qkv.stride(0), qkv.stride(1),
                      *strides_d, dqkv.stride(0), dqkv.stride(1), dq_acc.stride(0), dq_acc.stride(1), *common)  # fmt: skip
-        _launch(_spatial_bwd_dkdv_tuned, _spatial_bwd_dkdv_kernel, grid_n, dkdv_args,
-                {**meta, "ATOMIC_DQ": not deterministic}, fixed)  # fmt: skip
+        _launch("spatial_bwd_dkdv", grid_n, dkdv_args, {**meta, "ATOMIC_DQ": not deterministic}, fixed, arch,
+                deterministic)  # fmt: skip
     if deterministic:
         dqkv[:, 0] = cls_grad.sum(1).to(dqkv.dtype)  # fixed-order sum over the T frames
     else:
@@ -574,36 +641,39 @@ def spatial_backward(
 
 
 @torch.library.custom_op("alpro::temporal_attention", mutates_args=())
-def temporal_attention_op(qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float) -> torch.Tensor:
-    return temporal_forward(qkv, num_frames, num_heads, scale)
+def temporal_attention_op(
+    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float, deterministic: bool
+) -> torch.Tensor:
+    return temporal_forward(qkv, num_frames, num_heads, scale, deterministic)
 
 
 @temporal_attention_op.register_fake
-def _(qkv, num_frames, num_heads, scale):
+def _(qkv, num_frames, num_heads, scale, deterministic):
     B, L, C3 = qkv.shape
     return qkv.new_empty(B, L, C3 // 3)
 
 
 @torch.library.custom_op("alpro::temporal_attention_backward", mutates_args=())
 def temporal_attention_backward_op(
-    dout: torch.Tensor, qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float
+    dout: torch.Tensor, qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float, deterministic: bool
 ) -> torch.Tensor:
-    return temporal_backward(dout, qkv, num_frames, num_heads, scale)
+    return temporal_backward(dout, qkv, num_frames, num_heads, scale, deterministic)
 
 
 @temporal_attention_backward_op.register_fake
-def _(dout, qkv, num_frames, num_heads, scale):
+def _(dout, qkv, num_frames, num_heads, scale, deterministic):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _temporal_setup(ctx, inputs, output):
-    qkv, ctx.num_frames, ctx.num_heads, ctx.scale = inputs
+    qkv, ctx.num_frames, ctx.num_heads, ctx.scale, ctx.deterministic = inputs
     ctx.save_for_backward(qkv)
 
 
 def _temporal_grad(ctx, dout):
     (qkv,) = ctx.saved_tensors
-    return temporal_attention_backward_op(dout, qkv, ctx.num_frames, ctx.num_heads, ctx.scale), None, None, None
+    dqkv = temporal_attention_backward_op(dout, qkv, ctx.num_frames, ctx.num_heads, ctx.scale, ctx.deterministic)
+    return dqkv, None, None, None, None
 
 
 temporal_attention_op.register_autograd(_temporal_grad, setup_context=_temporal_setup)
@@ -613,7 +683,7 @@ temporal_attention_op.register_autograd(_temporal_grad, setup_context=_temporal_
 def spatial_attention_op(
     qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float, deterministic: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return spatial_forward(qkv, num_frames, num_heads, scale)
+    return spatial_forward(qkv, num_frames, num_heads, scale, deterministic)
 
 
 @spatial_attention_op.register_fake
@@ -667,10 +737,15 @@ spatial_attention_op.register_autograd(_spatial_grad, setup_context=_spatial_set
 # ------------------------------------------------------------------------------------------- entry points
 
 
-def temporal_attention(qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float | None = None) -> torch.Tensor:
-    """(B, N*T, 3C) -> (B, N*T, C). Same contract as :func:`alpro.kernels.attention.temporal_attention`."""
+def temporal_attention(
+    qkv: torch.Tensor, num_frames: int, num_heads: int, scale: float | None = None, deterministic: bool | None = None
+) -> torch.Tensor:
+    """(B, N*T, 3C) -> (B, N*T, C). Same contract as :func:`alpro.kernels.attention.temporal_attention`.
+
+    The kernel has no atomics; ``deterministic`` (None follows torch's flag) pins one tile config on GPUs, so
+    the result does not depend on what autotuning timed fastest."""
     scale = scale if scale is not None else (qkv.shape[-1] // (3 * num_heads)) ** -0.5
-    return temporal_attention_op(qkv, num_frames, num_heads, float(scale))
+    return temporal_attention_op(qkv, num_frames, num_heads, float(scale), deterministic_requested(deterministic))
 
 
 def spatial_attention(
@@ -678,7 +753,6 @@ def spatial_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1+N*T, 3C) -> (cls_out (B, T, C), patch_out (B, N*T, C)). ``deterministic=None`` follows torch's flag."""
     scale = scale if scale is not None else (qkv.shape[-1] // (3 * num_heads)) ** -0.5
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    cls_out, patch_out, _ = spatial_attention_op(qkv, num_frames, num_heads, float(scale), bool(deterministic))
+    deterministic = deterministic_requested(deterministic)
+    cls_out, patch_out, _ = spatial_attention_op(qkv, num_frames, num_heads, float(scale), deterministic)
     return cls_out, patch_out

@@ -1,11 +1,22 @@
-"""Compile every shipped Triton config for real GPUs without one, and report what it needs.
+"""Compile every shipped Triton config for real GPUs without one, as a launch builds it, and report what it needs.
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))`` runs the whole toolchain (the wheel
 ships ptxas), so shared memory (from the kernel metadata) and registers / spills (``cuobjdump
---dump-resource-usage`` on the cubin) are known on a CPU-only machine. Each autotune config is compiled at the
-largest (dtype, head/feature dim) its pruner lets it run with -- the case that needs the most memory.
+--dump-resource-usage`` on the cubin) are known on a CPU-only machine.
 
-    python -m alpro.kernels.compile_check            # table for sm_80 and sm_90
+What is compiled is what a launch builds: the real launchers run on ``meta`` tensors at ALPRO's shapes under
+:func:`alpro.kernels.triton_support.capture_launches`, which records each launch's argument list instead of
+running it, and the arguments are then specialised by Triton's own binder (``create_function_from_signature``,
+the code ``JITFunction.run`` calls): pointers and integers divisible by 16 get ``tt.divisibility``, integers
+equal to 1 become constants, exactly as at a real call with those values. Each architecture family compiles its
+own candidate lists (``TABLES[name][arch]``), each width class at its worst case:
+
+- attention "narrow": bf16, head dim 64 (ALPRO: B 16, T 4, 197 tokens, 12 heads, C 768);
+- attention "wide": fp32 with the TF32 switch on, head dim 128 (6 heads, C 768);
+- attention "ieee": fp32 with the TF32 switch off (FMA dots, the most registers), head dim 128;
+- contrastive: bf16, fp32-tf32 and fp32-ieee, D = 256, 16 local rows against 256 gathered ones.
+
+    python -m alpro.kernels.compile_check            # table for sm_80 and sm_90; exit 1 if anything does not fit
     python -m alpro.kernels.compile_check --arch 90
 """
 
@@ -21,31 +32,38 @@ from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from alpro.kernels import attention_triton as att
 from alpro.kernels import contrastive_triton as ctr
+from alpro.kernels import triton_support as ts
 
 # Largest dynamic shared memory per block (opt-in), from the CUDA programming guide's compute-capability table.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 MAX_REGISTERS = 255  # per thread; with <= 8 warps (256 threads) that also fits the 64K-register file
-# Buffers that are fp32 whatever the input dtype (statistics, partial sums, the scale).
-_FP32_POINTERS = {"LSE", "DELTA", "CLS_GRAD", "DQ_ACC", "SCALE", "DLSE", "DSCALE_ROWS"}
-_INT_SCALARS = {"L", "T", "C", "S", "H", "M", "N"}  # upper-case sizes; the other upper-case arguments are pointers
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+# ALPRO's pre-training shapes (ALPRO.md: 16 clips per GPU, 4 frames, 224 px / 16 = 196 patches, ViT-B 12 x 64).
+ALPRO_SHAPE = {"B": 16, "T": 4, "N": 196, "C": 768}
+CONTRASTIVE_SHAPE = {"M": 16, "N": 256, "D": ctr.MAX_DIM}  # local batch 16 against 16 GPUs' gathered features
 
 
 @dataclass(frozen=True)
 class Job:
-    """One kernel x autotune config x the (dtype, dim) it is compiled at."""
+    """One captured launch x one candidate config (x the TF32 switch it was captured under)."""
 
     name: str
     kernel: triton.runtime.JITFunction
     config: triton.Config
     dtype: torch.dtype
+    args: tuple
     meta: tuple[tuple[str, object], ...]  # constexprs other than the config's
+
+    @property
+    def precision(self) -> str:
+        return str(dict(self.meta).get("PRECISION", ""))
 
 
 @dataclass(frozen=True)
@@ -55,58 +73,82 @@ class Resources:
     spill_bytes: int
 
 
-# Each width class is compiled at its worst case: (dtype, head dim) for attention, (dtype, feature dim) for the
-# contrastive log-sum-exp. fp16 tiles are the size of bf16 ones.
-_ATTENTION_WORST = {"narrow": (torch.bfloat16, 64), "wide": (torch.float32, 128)}
-_LSE_WORST = {"narrow": (torch.bfloat16, ctr.MAX_DIM), "wide": (torch.float32, ctr.MAX_DIM)}
+def _meta_tensor(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def shipped_jobs() -> list[Job]:
-    """Every autotune config of every kernel (all constexpr variants that change the code), at its worst case."""
-    kernels = [
-        ("temporal_fwd", att._temporal_fwd_kernel, att.TEMPORAL_FWD_CONFIGS, [{}], _ATTENTION_WORST, "HEAD_DIM"),
-        ("temporal_bwd", att._temporal_bwd_kernel, att.TEMPORAL_BWD_CONFIGS, [{}], _ATTENTION_WORST, "HEAD_DIM"),
-        ("spatial_fwd", att._spatial_fwd_kernel, att.SPATIAL_FWD_CONFIGS, [{}], _ATTENTION_WORST, "HEAD_DIM"),
-        ("spatial_bwd_dq", att._spatial_bwd_dq_kernel, att.SPATIAL_BWD_DQ_CONFIGS, [{"COMPUTE_DQ": True}],
-         _ATTENTION_WORST, "HEAD_DIM"),
-        ("spatial_bwd_dkdv", att._spatial_bwd_dkdv_kernel, att.SPATIAL_BWD_DKDV_CONFIGS,
-         [{"ATOMIC_DQ": True}, {"ATOMIC_DQ": False}], _ATTENTION_WORST, "HEAD_DIM"),
-        ("lse_fwd", ctr._lse_fwd_kernel, ctr.LSE_FWD_CONFIGS, [{}], _LSE_WORST, "D"),
-        ("lse_bwd_dx", ctr._lse_bwd_dx_kernel, ctr.LSE_BWD_DX_CONFIGS, [{}], _LSE_WORST, "D"),
-        ("lse_bwd_dy", ctr._lse_bwd_dy_kernel, ctr.LSE_BWD_DY_CONFIGS, [{}], _LSE_WORST, "D"),
-    ]  # fmt: skip
-    jobs = []
-    for name, kernel, table, variants, worst, dim_name in kernels:
-        for width, configs in table.items():
-            dtype, dim = worst[width]
-            for variant in variants:
-                meta = {**variant, dim_name: dim, "BLOCK_D": max(16, triton.next_power_of_2(dim))}
-                jobs += [Job(name, kernel, config, dtype, tuple(meta.items())) for config in configs]
+def _capture_attention(dtype: torch.dtype, head_dim: int) -> None:
+    """Forward and both backward variants of both passes, through the real launchers."""
+    B, T, N, C = (ALPRO_SHAPE[k] for k in ("B", "T", "N", "C"))
+    H, scale = C // head_dim, head_dim**-0.5
+    qkv_t = _meta_tensor(B, N * T, 3 * C, dtype=dtype)
+    att.temporal_forward(qkv_t, T, H, scale)
+    att.temporal_backward(_meta_tensor(B, N * T, C, dtype=dtype), qkv_t, T, H, scale)
+    qkv_s = _meta_tensor(B, 1 + N * T, 3 * C, dtype=dtype)
+    cls_out, patch_out, lse = att.spatial_forward(qkv_s, T, H, scale)
+    for deterministic in (True, False):
+        att.spatial_backward(torch.empty_like(cls_out), torch.empty_like(patch_out), qkv_s, cls_out, patch_out, lse,
+                             T, H, scale, deterministic)  # fmt: skip
+
+
+def _capture_contrastive(dtype: torch.dtype) -> None:
+    M, N, D = (CONTRASTIVE_SHAPE[k] for k in ("M", "N", "D"))
+    x, y = _meta_tensor(M, D, dtype=dtype), _meta_tensor(N, D, dtype=dtype)
+    scale = _meta_tensor(dtype=torch.float32)
+    lse = ctr.lse_forward(x, y, scale)
+    ctr.lse_backward(torch.empty_like(lse), x, y, scale, lse)
+
+
+def _cases() -> list[tuple[str, torch.dtype, bool, object]]:
+    """(label, dtype, TF32 switch, capture function) for every width class's worst case."""
+    return [
+        ("attention narrow", torch.bfloat16, False, lambda: _capture_attention(torch.bfloat16, 64)),
+        ("attention wide tf32", torch.float32, True, lambda: _capture_attention(torch.float32, 128)),
+        ("attention ieee", torch.float32, False, lambda: _capture_attention(torch.float32, 128)),
+        ("contrastive narrow", torch.bfloat16, False, lambda: _capture_contrastive(torch.bfloat16)),
+        ("contrastive wide tf32", torch.float32, True, lambda: _capture_contrastive(torch.float32)),
+        ("contrastive ieee", torch.float32, False, lambda: _capture_contrastive(torch.float32)),
+    ]
+
+
+def shipped_jobs(arch: int) -> list[Job]:
+    """Every candidate config of every launch a training step makes on ``sm_<arch>``, deduplicated."""
+    jobs, seen = [], set()
+    previous = ts.tf32_enabled(), torch.backends.cudnn.allow_tf32
+    try:
+        for _, dtype, tf32, capture in _cases():
+            ts.set_tf32(tf32)
+            with ts.capture_launches(arch) as launches:
+                capture()
+            for launch in launches:
+                for config in launch.configs:
+                    meta = tuple(sorted(launch.meta.items(), key=lambda kv: kv[0]))
+                    key = (launch.name, ts.describe_config(config), repr(meta), _int_key(launch.args))
+                    if key not in seen:
+                        seen.add(key)
+                        jobs.append(Job(launch.name, launch.kernel, config, dtype, launch.args, meta))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
     return jobs
 
 
-def _source(job: Job, int_type: str) -> ASTSource:
-    """Signature as a launch at ALPRO's shapes specialises it: 16-byte aligned pointers and strides."""
-    meta = {**dict(job.meta), **job.config.kwargs}
-    mm = torch.float32 if job.dtype == torch.float32 else job.dtype
-    meta["MM_DTYPE"] = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[mm]
-    meta["ACC_DTYPE"] = tl.float32
-    meta["PRECISION"] = "tf32" if job.dtype == torch.float32 else "ieee"
-    signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(job.kernel.params):
-        name = param.name
-        if param.is_constexpr:
-            signature[name], constexprs[name] = "constexpr", meta[name]
-        elif name.isupper() and name not in _INT_SCALARS:
-            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{_TL_NAME[job.dtype]}"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "sm_scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = int_type
-            if name.startswith("stride"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return ASTSource(fn=job.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+def _int_key(args: tuple) -> tuple:
+    """What Triton specialises an argument list on: integer values' divisibility and ones, tensor dtypes."""
+    return tuple((a % 16 == 0, a == 1) if isinstance(a, int) else str(getattr(a, "dtype", type(a))) for a in args)
+
+
+def _source(job: Job, arch: int, int_type: str | None) -> tuple[ASTSource, dict]:
+    """The ``ASTSource`` and options ``JITFunction.run`` would build for this launch (Triton's own binder)."""
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kernel = job.kernel
+    kwargs = {**dict(job.meta), **job.config.all_kwargs()}
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*job.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    if int_type is not None:  # what a launch with sizes or strides >= 2**31 gets
+        signature = {k: (int_type if v in ("i32", "i64") else v) for k, v in signature.items()}
+        attrs = {k: v for k, v in attrs.items() if signature[kernel.params[k[0]].name] != int_type}
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs), options.__dict__
 
 
 def _cubin_resources(cubin: bytes) -> tuple[int, int]:
@@ -124,21 +166,32 @@ def _cubin_resources(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", out).group(1)), int(re.search(r"STACK:(\d+)", out).group(1))
 
 
-def compile_job(job: Job, arch: int, int_type: str = "i32") -> Resources:
-    """Compile ``job`` for ``sm_<arch>``; ``int_type="i64"`` is what a launch with strides >= 2**31 gets."""
-    compiled = triton.compile(
-        _source(job, int_type),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": job.config.num_warps, "num_stages": job.config.num_stages},
-    )
+def compile_job(job: Job, arch: int, int_type: str | None = None) -> Resources:
+    """Compile ``job`` for ``sm_<arch>`` as its launch specialises it (``int_type="i64"``: as a 64-bit launch)."""
+    src, options = _source(job, arch, int_type)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     registers, spills = _cubin_resources(compiled.asm["cubin"])
     return Resources(shared=compiled.metadata.shared, registers=registers, spill_bytes=spills)
 
 
+def fits(res: Resources, arch: int) -> bool:
+    return res.shared <= SHARED_LIMIT[arch] and res.registers <= MAX_REGISTERS and res.spill_bytes == 0
+
+
 def describe(job: Job) -> str:
-    dims = ",".join(f"{k}={v}" for k, v in job.meta if k in ("HEAD_DIM", "D", "ATOMIC_DQ"))
-    cfg = ",".join(f"{k}={v}" for k, v in job.config.kwargs.items())
-    return f"{job.name}[{cfg},w{job.config.num_warps},s{job.config.num_stages},{_TL_NAME[job.dtype]},{dims}]"
+    meta = dict(job.meta)
+    dims = ",".join(f"{k}={v}" for k, v in job.meta if k in ("HEAD_DIM", "D", "ATOMIC_DQ", "COMPUTE_DQ"))
+    precision = f",{meta['PRECISION']}" if job.dtype == torch.float32 else ""
+    return f"{job.name}[{ts.describe_config(job.config)},{_TL_NAME[job.dtype]}{precision},{dims}]"
+
+
+def table(arch: int, jobs: int = 2) -> list[tuple[str, Resources]]:
+    """(description, resources) of every shipped job on ``sm_<arch>``; ptxas runs as a subprocess, so ``jobs``
+    compiles overlap."""
+    work = shipped_jobs(arch)
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda job: compile_job(job, arch), work))
+    return [(describe(job), res) for job, res in zip(work, results)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,17 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="default: all")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compiles")
     args = parser.parse_args(argv)
-    archs = args.arch or sorted(SHARED_LIMIT)
-    work = [(job, arch) for arch in archs for job in shipped_jobs()]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda ja: compile_job(*ja), work))
     failed = 0
-    print(f"{'kernel / config':78s} {'sm':>3s} {'smem KB':>8s} {'regs':>5s} {'spill':>6s}")
-    for (job, arch), res in zip(work, results):
-        ok = res.shared <= SHARED_LIMIT[arch] and res.registers <= MAX_REGISTERS and res.spill_bytes == 0
-        failed += not ok
-        flag = "" if ok else "  <-- does not fit"
-        print(f"{describe(job):78s} {arch:3d} {res.shared / 1024:8.1f} {res.registers:5d} {res.spill_bytes:6d}{flag}")
+    print(f"{'kernel / config':92s} {'sm':>3s} {'smem KB':>8s} {'regs':>5s} {'spill':>6s}")
+    for arch in args.arch or sorted(SHARED_LIMIT):
+        for name, res in table(arch, args.jobs):
+            ok = fits(res, arch)
+            failed += not ok
+            flag = "" if ok else "  <-- does not fit"
+            print(f"{name:92s} {arch:3d} {res.shared / 1024:8.1f} {res.registers:5d} {res.spill_bytes:6d}{flag}")
+    print(f"{failed} configs do not fit" if failed else "every config fits: no spills, shared memory and registers "
+          "within limits")  # fmt: skip
     return 1 if failed else 0
 
 

@@ -28,10 +28,12 @@ import triton
 import triton.language as tl
 
 from alpro.kernels.triton_support import (
+    ARCHS,
     accumulator_dtype,
+    device_arch,
     device_guard,
     dot_precision,
-    interpreting,
+    launch,
     launch_error,
     matmul_dtype,
     tl_dtype,
@@ -151,44 +153,59 @@ def _configs(*specs: tuple[int, int, int, int]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in specs]
 
 
-LSE_FWD_CONFIGS = {
+def _same(table: dict) -> dict:
+    return {arch: table for arch in ARCHS}
+
+
+# "ieee": fp32 operands with the TF32 switch off (FMA dots): the wide lists spill 32-7120 B there, these do not.
+LSE_FWD_CONFIGS = _same({
     "narrow": _configs((64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 8, 2)),
     "wide": _configs((64, 32, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)),
-}
-LSE_BWD_DX_CONFIGS = {
+    "ieee": _configs((32, 32, 8, 1), (64, 32, 8, 1), (32, 16, 4, 1), (16, 32, 4, 1)),
+})
+LSE_BWD_DX_CONFIGS = _same({
     "narrow": _configs((32, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
     "wide": _configs((32, 32, 4, 2), (32, 32, 8, 2)),
-}
-LSE_BWD_DY_CONFIGS = {
+    "ieee": _configs((16, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)),
+})
+LSE_BWD_DY_CONFIGS = _same({
     "narrow": _configs((64, 32, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2)),
     "wide": _configs((32, 32, 4, 2), (64, 32, 8, 2)),
-}
+    "ieee": _configs((16, 32, 8, 1), (32, 16, 8, 1), (32, 32, 8, 1), (16, 16, 4, 1)),
+})
+TABLES = {"lse_fwd": LSE_FWD_CONFIGS, "lse_bwd_dx": LSE_BWD_DX_CONFIGS, "lse_bwd_dy": LSE_BWD_DY_CONFIGS}
+KERNELS = {"lse_fwd": _lse_fwd_kernel, "lse_bwd_dx": _lse_bwd_dx_kernel, "lse_bwd_dy": _lse_bwd_dy_kernel}
 
 
-def width_class(block_d: int, mm_dtype) -> str:
-    """16-bit operands ("narrow") or fp32 operands ("wide"); D <= 256 either way."""
-    return "wide" if mm_dtype == tl.float32 else "narrow"
+def width_class(block_d: int, mm_dtype, precision: str = "tf32") -> str:
+    """16-bit operands ("narrow"), TF32 operands ("wide") or IEEE fp32 operands ("ieee"); D <= 256 in each."""
+    if mm_dtype == tl.float32:
+        return "ieee" if precision == "ieee" else "wide"
+    return "narrow"
 
 
-def _tuned(kernel, table: dict):
+def candidates(name: str, arch: int, meta: dict) -> list[triton.Config]:
+    return TABLES[name][arch][width_class(meta["BLOCK_D"], meta["MM_DTYPE"], meta["PRECISION"])]
+
+
+def _tuned(name: str):
     def prune(configs, named_args, **kwargs):
-        return table[width_class(kwargs["BLOCK_D"], kwargs["MM_DTYPE"])]
+        return candidates(name, device_arch(named_args["X"]), kwargs)
 
-    configs = table["narrow"] + table["wide"]
-    return triton.autotune(configs, key=["BLOCK_D"], prune_configs_by={"early_config_prune": prune})(kernel)
+    configs = [c for arch in ARCHS for width in TABLES[name][arch].values() for c in width]
+    return triton.autotune(configs, key=["BLOCK_D"], prune_configs_by={"early_config_prune": prune})(KERNELS[name])
 
 
-_lse_fwd_tuned = _tuned(_lse_fwd_kernel, LSE_FWD_CONFIGS)
-_lse_bwd_dx_tuned = _tuned(_lse_bwd_dx_kernel, LSE_BWD_DX_CONFIGS)
-_lse_bwd_dy_tuned = _tuned(_lse_bwd_dy_kernel, LSE_BWD_DY_CONFIGS)
+TUNED = {name: _tuned(name) for name in TABLES}
 _INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}  # the one config used when interpreting
 
 
-def _launch(tuned, kernel, grid, args: tuple, meta: dict) -> None:
-    if interpreting():
-        kernel[grid(_INTERPRETER_CONFIG)](*args, **meta, **_INTERPRETER_CONFIG, num_warps=4, num_stages=1)
-    else:
-        tuned[grid](*args, **meta)
+def _launch(name: str, grid, args: tuple, meta: dict, x: torch.Tensor) -> None:
+    """Autotuned on GPUs; one pinned config when torch's deterministic flag is set (autotuning picks by timing,
+    and other tiles sum the log-sum-exp and the gradients in another order)."""
+    cands = candidates(name, device_arch(x), meta)
+    launch(name, TUNED[name], KERNELS[name], grid, args, meta, cands, _INTERPRETER_CONFIG,
+           pin=torch.are_deterministic_algorithms_enabled())  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- launchers
@@ -231,7 +248,7 @@ def lse_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
     with device_guard(x):
-        _launch(_lse_fwd_tuned, _lse_fwd_kernel, grid, (x, y, scale, lse, M, N, x.stride(0), y.stride(0)), _meta(x))
+        _launch("lse_fwd", grid, (x, y, scale, lse, M, N, x.stride(0), y.stride(0)), _meta(x), x)
     return lse
 
 
@@ -253,10 +270,10 @@ def lse_backward(
         return (triton.cdiv(N, meta["BLOCK_N"]),)
 
     with device_guard(x):
-        _launch(_lse_bwd_dx_tuned, _lse_bwd_dx_kernel, grid_m,
-                (x, y, scale32, lse, dlse, dx, dscale_rows, M, N, x.stride(0), y.stride(0), dx.stride(0)), meta)  # fmt: skip
-        _launch(_lse_bwd_dy_tuned, _lse_bwd_dy_kernel, grid_n,
-                (x, y, scale32, lse, dlse, dy, M, N, x.stride(0), y.stride(0), dy.stride(0)), meta)  # fmt: skip
+        _launch("lse_bwd_dx", grid_m,
+                (x, y, scale32, lse, dlse, dx, dscale_rows, M, N, x.stride(0), y.stride(0), dx.stride(0)), meta, x)  # fmt: skip
+        _launch("lse_bwd_dy", grid_n,
+                (x, y, scale32, lse, dlse, dy, M, N, x.stride(0), y.stride(0), dy.stride(0)), meta, x)  # fmt: skip
     dscale = dscale_rows.sum().to(scale_dtype).reshape(scale.shape)
     return dx.to(x_dtype), dy.to(y_dtype), dscale
 

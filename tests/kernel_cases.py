@@ -174,15 +174,11 @@ def contrastive_gradcheck() -> tuple[bool, bool]:
 
 
 def compile_shipped(arch: int) -> list[tuple[str, int, int, int]]:
-    """(config, shared bytes, registers, spill bytes) of every shipped config compiled for sm_<arch>."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """(config, shared bytes, registers, spill bytes) of every shipped config compiled for sm_<arch>, as a launch at
+    ALPRO's shapes specialises it."""
     from alpro.kernels import compile_check
 
-    jobs = compile_check.shipped_jobs()
-    with ThreadPoolExecutor(2) as pool:  # ptxas runs as a subprocess: two compiles overlap on two cores
-        res = list(pool.map(lambda job: compile_check.compile_job(job, arch), jobs))
-    return [(compile_check.describe(j), r.shared, r.registers, r.spill_bytes) for j, r in zip(jobs, res)]
+    return [(name, r.shared, r.registers, r.spill_bytes) for name, r in compile_check.table(arch, jobs=2)]
 
 
 def compile_large_offsets() -> list[str]:
@@ -190,12 +186,53 @@ def compile_large_offsets() -> list[str]:
     from alpro.kernels import compile_check
 
     seen, built = set(), []
-    for job in compile_check.shipped_jobs():
+    for job in compile_check.shipped_jobs(90):
         if job.name not in seen:
             seen.add(job.name)
             compile_check.compile_job(job, 90, int_type="i64")
             built.append(job.name)
     return built
+
+
+def launch_specialisation() -> dict:
+    """The signature compile_check builds for the launches at ALPRO's shapes: which integers Triton specialises."""
+    from alpro.kernels import compile_check
+
+    out = {}
+    for job in compile_check.shipped_jobs(90):
+        if job.name in out or job.dtype != torch.bfloat16:
+            continue
+        src, _ = compile_check._source(job, 90, None)
+        names = [p.name for p in job.kernel.params]
+        values = dict(zip(names, job.args))
+        divisible = sorted(names[k[0]] for k, v in src.attrs.items() if ["tt.divisibility", 16] in v)
+        out[job.name] = {"values": {k: v for k, v in values.items() if isinstance(v, int)}, "divisible": divisible}
+    return out
+
+
+def captured_configs(arch: int, deterministic: bool) -> dict[str, list[str]]:
+    """The configs each launch of a bf16 training step would run with on sm_<arch>: the autotuning candidates, or
+    the pinned one with ``deterministic``; and what a forced config does."""
+    from alpro.kernels import attention_triton as att
+    from alpro.kernels import triton_support as ts
+
+    B, T, N, C, H = 2, 4, 196, 768, 12
+    qkv_t = torch.empty(B, N * T, 3 * C, device="meta", dtype=torch.bfloat16)
+    qkv_s = torch.empty(B, 1 + N * T, 3 * C, device="meta", dtype=torch.bfloat16)
+    with ts.capture_launches(arch) as launches:
+        att.temporal_forward(qkv_t, T, H, 0.125, deterministic)
+        cls_out, patch_out, lse = att.spatial_forward(qkv_s, T, H, 0.125, deterministic)
+        att.spatial_backward(torch.empty_like(cls_out), torch.empty_like(patch_out), qkv_s, cls_out, patch_out, lse,
+                             T, H, 0.125, deterministic)  # fmt: skip
+        with ts.forced_config("spatial_fwd", att.SPATIAL_FWD_CONFIGS[arch]["narrow"][-1]):
+            att.spatial_forward(qkv_s, T, H, 0.125, deterministic)
+    result = {}
+    for i, launch in enumerate(launches):
+        result[f"{i}:{launch.name}"] = [ts.describe_config(c) for c in launch.configs]
+    result["first_candidates"] = {
+        name: ts.describe_config(att.TABLES[name][arch]["narrow"][0]) for name in att.TABLES
+    }
+    return result
 
 
 def grids(B: int, T: int, N: int, H: int) -> dict:

@@ -63,6 +63,9 @@ class TrainConfig:
     """Number of optimizer steps; overrides ``epochs``."""
     grad_accum: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tf32: bool = False
+    """With fp32: run fp32 matmuls and convolutions (cuBLAS, cuDNN, the Triton kernels) on TF32 tensor cores.
+    Off reproduces the original's IEEE fp32 maths; GPU recipes train in bf16 (DeepSpeed bf16, fp32 master weights)."""
     zero_stage: int = 2
     ds_config: Path | None = Path("launch/ds_configs/zero2.json")
     grad_checkpointing: bool = False

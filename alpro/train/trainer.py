@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from alpro.dist import barrier
 from alpro.errors import AlproError
+from alpro.kernels.triton_support import set_tf32
 from alpro.train import runtime
 from alpro.train.checkpoint import (
     CheckpointManager,
@@ -77,6 +78,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        set_tf32(cfg.train.tf32)  # fp32 matmuls (cuBLAS, cuDNN, the Triton kernels) on TF32 tensor cores or not
         self.rank, self.world, self.local_rank = runtime.init_distributed()
         self.device = runtime.device_for(self.local_rank)
         self.run_dir = Path(cfg.train.run_dir)
