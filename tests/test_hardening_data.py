@@ -118,6 +118,16 @@ def test_failing_pipe_command_is_retried_then_one_line_error(tmp_path, clips, to
     assert time.monotonic() - t0 < 30  # one retry after 1 s, not an endless loop
 
 
+def test_pipe_command_that_prints_nothing_is_an_error_not_an_endless_loop(tmp_path, clips, tok):
+    shards = write_shards(tmp_path / "set", _good(clips), per_shard=2)
+    cmd = "pipe:true shard-{000000..000001}.tar"  # exits 0 and writes nothing
+    cfg = _cfg(cmd, train={"video": cmd, "video_index": str(shards / INDEX_NAME)}, resampled=True)
+    loader = build_train_loader(cfg, "pretrain", tok, 0, 1, seed=0)
+    with _Deadline(60), pytest.raises(AlproError, match=r"16 shard draws in a row gave no usable sample") as err:
+        next(iter(loader))
+    assert "\n" not in str(err.value) and "truncated" in str(err.value)
+
+
 def test_pipe_retry_continues_after_the_samples_already_delivered(tmp_path, clips):
     shards = write_shards(tmp_path / "set", _good(clips), per_shard=4)
     tar = shards / "shard-000000.tar"

@@ -670,19 +670,26 @@ class Reader:
             raise SampleError("truncated", f"{url} ends at {offset + len(data)}, sample needs {offset + size}")
         return data
 
-    def sample(self, shard: Shard, j: int) -> tuple[str, dict[str, bytes]]:
-        """Key and members of sample j: one read of its byte range, after the range and every member's header
-        size are checked against ``limits``."""
-        offset, size = int(shard.offsets[j]), int(shard.sizes[j])
+    def sample(self, shard: Shard, j: int, probe: int = 16384) -> tuple[str, dict[str, bytes]]:
+        """Key and members of sample j. Every member's size is checked against ``limits`` from its tar header
+        before its bytes are read: one read of the first ``probe`` bytes holds the headers of json, txt, vinfo
+        and the media member of this project's shards (other layouts cost one small read per header), then one
+        read of the whole byte range."""
+        url, offset, size = shard.url, int(shard.offsets[j]), int(shard.sizes[j])
+        head = self.read(url, offset, min(size, probe))
+
+        def get(a: int, b: int) -> bytes:
+            b = min(b, size)
+            return head[a:b] if b <= len(head) else self.read(url, offset + a, b - a)
+
+        for name, _, length in _iter_members(get, size):
+            parts = split_name(name)
+            if parts is not None:
+                _check_size(name, parts[1], length, self.limits)
         if size > self.limits.sample_bytes:
-            get = lambda a, b: self.read(shard.url, offset + a, min(b, size) - a)  # noqa: E731
-            for name, _, length in _iter_members(get, size):
-                parts = split_name(name)
-                if parts is not None:
-                    _check_size(name, parts[1], length, self.limits)
-            raise SampleError("too_large", f"{shard.url}@{offset}: sample of {size} bytes, over the "
+            raise SampleError("too_large", f"{url}@{offset}: sample of {size} bytes, over the "
                               f"{self.limits.sample_bytes}-byte bound of one media member and four small ones")
-        key, members = parse_sample(self.read(shard.url, offset, size), self.limits)
+        key, members = parse_sample(head if size <= len(head) else self.read(url, offset, size), self.limits)
         expected = shard.keys[j].decode()
         if key != expected:
             raise SampleError("bad_tar", f"{shard.url}@{shard.offsets[j]}: found sample {key}, index says {expected}")

@@ -74,16 +74,23 @@ class _ShardStream(IterableDataset):
         k, skip = self.positions.get(worker, [0, 0])
         items = self.builder.items
         stats, prepared, pixels, count = BatchStats(), [], [], 0
+        # Draws in a row that gave no usable sample: commands that print nothing (or only bad samples) would
+        # otherwise be drawn forever without a batch. Reaching the limit is all but impossible for a set with
+        # any good shard (each draw is uniform over the shards).
+        barren, limit = 0, max(16, 2 * len(self.shardset.shards))
         while True:
             shard = self._draw(worker, workers, k)
             epoch = k * self.world * workers + self.rank * workers + worker  # unique per (draw, rank, worker)
+            usable = False
             for emitted, (sample, key, members) in enumerate(self._emitted(shard, worker, workers, k, stats), 1):
                 if emitted <= skip:
+                    usable = True
                     continue  # restoring: replay the buffer without decoding
                 try:
                     p = items.prepare_members(key, members, self.source, epoch, sample, -1)
                     pixels.append(self.builder.render_timed(p, stats).pixels)
                     prepared.append(p)
+                    usable = True
                 except SampleError as e:
                     stats.skips[e.reason] += 1
                     continue
@@ -92,6 +99,11 @@ class _ShardStream(IterableDataset):
                     batch = self.builder.assemble(task, prepared, pixels, stats)
                     yield batch, stats, worker, [k, emitted]
                     stats, prepared, pixels, count = BatchStats(), [], [], count + 1
+            barren = 0 if usable else barren + 1
+            if barren >= limit:
+                skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats.skips.items())) or "no tar data at all"
+                raise AlproError(f"{barren} shard draws in a row gave no usable sample (last: "
+                                 f"{self.shardset.shards[shard].url!r}; skipped: {skipped})")
             k, skip = k + 1, 0
 
 
