@@ -11,7 +11,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export DS_BUILD_OPS := 0
 EXTRAS ?= dev,dali
 
-.PHONY: install test test-fast demo lint bench clean-demo
+.PHONY: install test test-fast demo lint bench clean-demo gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check alpro kernels sharding benchmarks tests
+
+# On a CUDA GPU: the first-GPU-hour check (kernels' numerics and speed, DALI NVDEC vs PyAV, 30 alpro-base steps),
+# <= 8 min, rows in benchmarks/results/gpu_check.{json,csv,png}. Without CUDA: the smoke mode (interpreter, tiny).
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py
 
 demo: install
 	$(VENV)/bin/alpro demo --out demo_out
