@@ -8,13 +8,17 @@ type so that a typo or a wrong type fails at start with one clear line, e.g.::
     config error: 'train.steps' must be int, got 'ten'
 
 Supported field types: bool, int, float, str, Path, Literal[...], Optional[...], list[...], tuple[...],
-dict[str, ...] and nested dataclasses.
+dict[str, ...] and nested dataclasses. A float must be finite: no field has a meaning for NaN or infinity (an
+"unbounded" value is spelled ``null`` or 0 where a field allows it), and ``.nan`` / ``.inf`` / ``1e999`` in a
+YAML file would otherwise surface steps later as a torch error. A YAML mapping that repeats a key is an error
+with both line numbers (PyYAML silently keeps the last one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -48,13 +52,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, where)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                errors.append(e)
+        if len(errors) == 1:  # Optional[X]: X's own message (e.g. "must be a finite number")
+            raise errors[0]
         raise ConfigError(f"'{where}' must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in get_args(tp):
@@ -92,6 +99,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"'{where}' must be int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"'{where}' must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"'{where}' must be float, got {value!r}")
     if tp is str:
@@ -144,13 +153,40 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a repeated key (``data:`` twice would silently replace
+    the first section). Merge keys (``<<: *anchor``) may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first != key_node.start_mark.line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first + 1})", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`UniqueKeyLoader`."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a parse error is one ConfigError line."""
+    """Read a YAML mapping; a missing file, a parse error or a repeated key is one ConfigError line."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safe_load_unique(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -194,7 +230,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raw = args[i + 1]
             i += 2
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = safe_load_unique(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         # YAML 1.1 reads '1e-4' as a string; accept numbers written that way.

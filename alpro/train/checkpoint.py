@@ -7,23 +7,37 @@ Layout of a run directory's ``checkpoints/``::
       trainer_state.json               # step, samples seen, git sha, time (rank 0)
       rank_00000.json ...              # per-rank RNG states (python, numpy, torch) and loader state
       config.yaml                      # the resolved run config
+      manifest.json                    # size and sha256 of every file above (written last)
     latest                             # text file: the newest complete tag
     .tmp-step-00000400/                # a save in progress (or killed mid-save): ignored and cleaned up
 
-A save writes everything under ``.tmp-<tag>``, then rank 0 renames it to ``<tag>`` (atomic on one file system)
-and rewrites ``latest`` through a temp file + ``os.replace``. A kill at any moment therefore leaves the previous
-checkpoint loadable. The last ``keep_last`` checkpoints are kept.
+A save writes everything under ``.tmp-<tag>``, then rank 0 writes ``manifest.json`` (atomically, last), renames
+the directory to ``<tag>`` (atomic on one file system) and rewrites ``latest`` through a temp file +
+``os.replace``. A kill at any moment therefore leaves the previous checkpoint loadable; a checkpoint damaged
+later (a cut copy, a bad disk) fails its manifest and ``resume auto`` falls back to the newest intact one.
+
+Trust: a checkpoint may come from someone else, and unpickling runs code. Every ``*.pt`` file is therefore read
+by torch's weights-only unpickler with an explicit allowlist of the few DeepSpeed classes it stores
+(:data:`DEEPSPEED_GLOBALS`), ours and DeepSpeed's loads alike (:func:`restricted_unpickling`), and checked
+before DeepSpeed opens it (:func:`check_pickles`). A file that wants any other class is refused, naming both.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import errno
+import hashlib
+import importlib
 import json
+import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +47,27 @@ import torch
 from alpro.dist import barrier, get_rank
 from alpro.errors import AlproError
 
+LOG = logging.getLogger("alpro")
 TAG_RE = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+
+# The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints (ZeRO 0-3, fp32 / bf16 / fp16; found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on each). All are plain data: an enum, a dataclass and two
+# loss-scaler records; rebuilding them runs no user-controlled code.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+)
+
+
+class DamagedCheckpoint(AlproError):
+    """A checkpoint whose files are missing, cut or altered (its manifest disagrees, or it cannot be parsed)."""
+
+
+class UnsafeCheckpoint(AlproError):
+    """A checkpoint file whose pickle wants a class outside the allowlist: refused, never loaded."""
 
 
 def step_tag(step: int) -> str:
@@ -69,42 +103,203 @@ def set_rng_state(state: dict[str, Any]) -> None:
         )
 
 
+# -------------------------------------------------------------------------------------------- trust: pickles
+
+
+def allowed_globals() -> list[Any]:
+    """The allowlisted DeepSpeed classes themselves (imported: ``safe_globals`` takes objects, not names)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would detect, without its warning
+    out = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: that class cannot be in its files
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def restricted_unpickling() -> Iterator[None]:
+    """Every ``torch.load`` inside -- ours, DeepSpeed's engine, ``zero_to_fp32`` -- uses torch's weights-only
+    unpickler with :data:`DEEPSPEED_GLOBALS` allowed. ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` is torch's own switch that
+    overrides the explicit ``weights_only=False`` DeepSpeed passes (read by torch at every call)."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _refused_global(message: str) -> str | None:
+    m = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)|module (\S+) is blocked",
+                  message)
+    return next((g for g in m.groups() if g), None) if m else None
+
+
+def unsafe_error(path: Path, what: str) -> UnsafeCheckpoint:
+    return UnsafeCheckpoint(f"{path}: refused: its pickle wants {what}, which is not an allowed checkpoint class "
+                            "(checkpoints from others may not run code; see 'Trust model' in docs/training.md)")
+
+
+def check_pickle(path: Path) -> None:
+    """Refuse ``path`` unless torch's weights-only unpickler reads it with only the allowlisted classes.
+
+    First a static scan of the pickle's GLOBALs (names the class, executes nothing), then a full restricted load
+    (memory-mapped: the tensors are not read) to catch anything the scan cannot see and any damage."""
+    with torch.serialization.safe_globals(allowed_globals()):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as e:  # not a zip written by torch.save, cut archive, no data.pkl ...
+            raise DamagedCheckpoint(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+    if unsafe:
+        raise unsafe_error(path, ", ".join(sorted(unsafe)))
+    with restricted_unpickling():
+        try:
+            torch.load(str(path), map_location="cpu", mmap=True)
+        except pickle.UnpicklingError as e:
+            raise unsafe_error(path, _refused_global(str(e)) or _first_line(e)) from None
+        except Exception as e:
+            raise DamagedCheckpoint(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def check_pickles(ckpt: Path) -> None:
+    for path in sorted(ckpt.rglob("*.pt")):
+        check_pickle(path)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip().rstrip(":")
+
+
+# ------------------------------------------------------------------------------------- integrity: manifests
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _payload(ckpt: Path) -> list[Path]:
+    return sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"))
+
+
+def write_manifest(ckpt: Path) -> None:
+    """Record every file's size and sha256 in ``manifest.json``, written last and atomically: a checkpoint with
+    a manifest is complete, and any later change to its files is detected."""
+    files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _payload(ckpt)}
+    _write_json(ckpt / MANIFEST, {"version": 1, "files": files})
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Raise :class:`DamagedCheckpoint` (files missing, cut or altered) or :class:`UnsafeCheckpoint`.
+
+    With a manifest: every listed file must exist with its size and sha256. Without one (saved before manifests
+    existed, or written by hand): the JSON files must parse and the ``*.pt`` files must load. Both then pass the
+    pickle check, since a manifest proves integrity, not trust."""
+    if not ckpt.is_dir():
+        raise DamagedCheckpoint(f"{ckpt}: no such checkpoint directory")
+    manifest = ckpt / MANIFEST
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text())["files"]
+            entries = [(ckpt / name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedCheckpoint(f"{manifest}: unreadable manifest ({_first_line(e)})") from None
+        for path, size, _ in entries:
+            if not path.is_file():
+                raise DamagedCheckpoint(f"{path}: missing (listed in {MANIFEST})")
+            if path.stat().st_size != size:
+                raise DamagedCheckpoint(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size} (cut or altered)")
+        for path, _, digest in entries:
+            if _sha256(path) != digest:
+                raise DamagedCheckpoint(f"{path}: sha256 differs from {MANIFEST} (altered or corrupt)")
+    for path in [ckpt / "trainer_state.json", *sorted(ckpt.glob("rank_*.json"))]:
+        if not path.is_file():  # (resume requires trainer_state.json: is_complete; export does not)
+            continue
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DamagedCheckpoint(f"{path}: not valid JSON ({_first_line(e)})") from None
+    check_pickles(ckpt)
+
+
 # ------------------------------------------------------------------------------------------------ discovery
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint directories (complete or not), oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.match(p.name)]
     return sorted(found, key=lambda p: p.name)
 
 
+def is_complete(ckpt: Path) -> bool:
+    """Renamed from its temporary name: has a manifest (or, saved before manifests, a trainer state)."""
+    return (ckpt / MANIFEST).is_file() or (ckpt / "trainer_state.json").is_file()
+
+
 def find_latest(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (``latest`` pointer if valid, else the highest step directory)."""
+    """The newest complete checkpoint (``latest`` pointer if valid, else the highest step directory); unverified."""
     pointer = ckpt_dir / "latest"
     if pointer.is_file():
         tag = pointer.read_text().strip()
-        if TAG_RE.match(tag) and (ckpt_dir / tag / "trainer_state.json").is_file():
+        if TAG_RE.match(tag) and is_complete(ckpt_dir / tag):
             return ckpt_dir / tag
-    complete = [p for p in list_checkpoints(ckpt_dir) if (p / "trainer_state.json").is_file()]
+    complete = [p for p in list_checkpoints(ckpt_dir) if is_complete(p)]
     return complete[-1] if complete else None
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``auto`` -> newest checkpoint of this run (or None to start fresh); a path -> that checkpoint."""
+def newest_intact(ckpt_dir: Path, warnings: list[str]) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; each damaged newer one is skipped with a
+    warning (appended to ``warnings``). None if there is no checkpoint; an error if none is intact."""
+    candidates = [p for p in list_checkpoints(ckpt_dir) if is_complete(p)][::-1]
+    for ckpt in candidates:
+        try:
+            verify_checkpoint(ckpt)
+        except DamagedCheckpoint as e:
+            warnings.append(f"checkpoint {ckpt} is damaged, skipped: {e}")
+            continue
+        return ckpt
+    if candidates:
+        raise DamagedCheckpoint(f"{ckpt_dir}: no intact checkpoint ({len(candidates)} damaged: {warnings[-1]})")
+    return None
+
+
+def resolve_resume(resume: str | None, run_dir: Path, warnings: list[str] | None = None) -> Path | None:
+    """``auto`` -> newest intact checkpoint of this run (None to start fresh); a run directory -> its newest
+    intact checkpoint; a checkpoint path -> that checkpoint, verified (damaged: a one-line error)."""
+    warnings = [] if warnings is None else warnings
     if resume is None:
         return None
     if resume == "auto":
-        return find_latest(run_dir / "checkpoints")
+        return newest_intact(run_dir / "checkpoints", warnings)
     path = Path(resume)
     if path.is_dir() and (path / "checkpoints").is_dir():  # a run directory
-        found = find_latest(path / "checkpoints")
+        found = newest_intact(path / "checkpoints", warnings)
         if found is None:
             raise AlproError(f"--resume {resume}: run directory has no complete checkpoint")
         return found
-    if not (path / "trainer_state.json").is_file():
-        raise AlproError(f"--resume {resume}: not a complete checkpoint directory (no trainer_state.json)")
+    if not path.is_dir():
+        raise AlproError(f"--resume {resume}: no such checkpoint directory")
+    if not is_complete(path):
+        raise AlproError(f"--resume {resume}: not a complete checkpoint directory (no {MANIFEST})")
+    try:
+        verify_checkpoint(path)
+    except DamagedCheckpoint as e:
+        raise DamagedCheckpoint(f"--resume {resume}: damaged checkpoint: {e}") from None
     return path
 
 
@@ -116,6 +311,13 @@ class CheckpointManager:
         self.dir = run_dir / "checkpoints"
         self.keep_last = keep_last
 
+    def clean_stale(self) -> list[Path]:
+        """Remove ``.tmp-step-*`` left by a save that was killed or ran out of space (rank 0, at start)."""
+        stale = sorted(self.dir.glob(".tmp-step-*")) if self.dir.is_dir() else []
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        return stale
+
     def save(
         self,
         engine,
@@ -124,31 +326,51 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         config_yaml: str,
     ) -> Path:
-        """Collective: every rank must call it. Returns the final checkpoint path."""
+        """Collective: every rank must call it. Returns the final checkpoint path. A full or read-only disk is
+        one :class:`AlproError` line naming the directory; the partial save is removed, the previous checkpoint
+        stays as it was."""
         tag = step_tag(step)
         tmp_tag = f".tmp-{tag}"
-        rank = get_rank()
-        if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.dir / tmp_tag, ignore_errors=True)
-            shutil.rmtree(self.dir / tag, ignore_errors=True)  # re-saving the same step after a resume
-        barrier()
-        engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
         tmp = self.dir / tmp_tag
-        if os.environ.get("ALPRO_FAULT_KILL_IN_SAVE") == str(step):  # tests: die between write and rename
-            os.kill(os.getpid(), signal.SIGKILL)
-        _write_json(tmp / f"rank_{rank:05d}.json", {"rank": rank, **rank_state})
-        barrier()
-        if rank == 0:
-            (tmp / "config.yaml").write_text(config_yaml)
-            _write_json(tmp / "trainer_state.json", trainer_state)  # written last: marks completeness
-            os.replace(tmp, self.dir / tag)
-            _atomic_write(self.dir / "latest", tag + "\n")
-            self._prune()
+        rank = get_rank()
+        try:
+            if rank == 0:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(self.dir / tag, ignore_errors=True)  # re-saving the same step after a resume
+            barrier()
+            engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
+            if os.environ.get("ALPRO_FAULT_KILL_IN_SAVE") == str(step):  # tests: die between write and rename
+                os.kill(os.getpid(), signal.SIGKILL)
+            _write_json(tmp / f"rank_{rank:05d}.json", {"rank": rank, **rank_state})
+            barrier()
+            if rank == 0:
+                (tmp / "config.yaml").write_text(config_yaml)
+                _write_json(tmp / "trainer_state.json", trainer_state)
+                write_manifest(tmp)  # written last: marks completeness and records every file's size and hash
+                os.replace(tmp, self.dir / tag)
+                _atomic_write(self.dir / "latest", tag + "\n")
+                self._prune()
+        except (OSError, RuntimeError) as e:
+            raise self._save_error(e, tmp, _state_bytes(engine)) from None
         barrier()
         if os.environ.get("ALPRO_FAULT_KILL_AFTER_SAVE") == str(step):  # tests: a kill -9 right after a checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
         return self.dir / tag
+
+    def _save_error(self, e: BaseException, tmp: Path, state_bytes: int) -> AlproError:
+        """torch's writer reports a full disk as ``RuntimeError: ... iostream error`` (no errno). So: an ENOSPC /
+        EDQUOT / EROFS errno, or else less free space than the largest record of the save (the flat fp32
+        optimizer partition, at most every parameter's fp32 bytes), means the disk is the cause."""
+        free = shutil.disk_usage(self.dir).free if self.dir.is_dir() else 0
+        code = getattr(e, "errno", None)
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space; the previous checkpoint is untouched
+        if code == errno.EROFS:
+            return AlproError(f"read-only file system: cannot save checkpoint in {self.dir}")
+        if code in (errno.ENOSPC, errno.EDQUOT) or free < state_bytes + 2**20:
+            return AlproError(f"no space left on device: saving checkpoint {tmp} failed with {free / 2**20:.1f} MiB "
+                              f"free ({_first_line(e)}); partial save removed, previous checkpoint kept")
+        return AlproError(f"saving checkpoint {tmp} failed: {_first_line(e)}")
 
     def _prune(self) -> None:
         for stale in self.dir.glob(".tmp-step-*"):
@@ -157,6 +379,14 @@ class CheckpointManager:
         if self.keep_last > 0:
             for old in complete[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _state_bytes(engine) -> int:
+    """fp32 bytes of every parameter (ZeRO-3 partitions them: ``ds_numel`` is the full size)."""
+    try:
+        return sum(int(getattr(p, "ds_numel", p.numel())) * 4 for p in engine.module.parameters())
+    except Exception:  # an engine without a module (never in the trainer)
+        return 0
 
 
 def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
@@ -168,6 +398,19 @@ def load_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def load_engine_checkpoint(engine, ckpt: Path) -> None:
+    """DeepSpeed's ``load_checkpoint`` under :func:`restricted_unpickling`, after :func:`check_pickles`; a refused
+    class is one line naming the file."""
+    check_pickles(ckpt)
+    with restricted_unpickling():
+        try:
+            load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        except pickle.UnpicklingError as e:
+            raise unsafe_error(ckpt, _refused_global(str(e)) or _first_line(e)) from None
+    if load_path is None:
+        raise AlproError(f"DeepSpeed could not load checkpoint {ckpt}")
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -37,7 +37,12 @@ class OptimConfig:
     """True = one group with weight decay on every parameter, as the original's single group; False = exclude
     ``model.no_weight_decay()`` (biases, norms, embeddings, temperature)."""
     warmup_ratio: float = 0.05
-    """Linear warm-up over this fraction of the steps, then linear decay to 0 (the original's warmup_linear)."""
+    """Linear warm-up over this fraction of the steps, then linear decay to 0 (the original's warmup_linear):
+    step k of T runs at lr*k/W while k < W = int(warmup_ratio*T), then lr*(T-k)/(T-W), floor 1e-8 (the last)."""
+    initial_zero_grad_steps: int = 2
+    """AdamW steps on zero gradients before the first batch, as the original (Horovod's optimizer-state
+    broadcast and its pre-loop ``optimizer.step()``): no data, no weight change except their weight decay, but
+    Adam's step count starts at 2. 0 = a textbook start."""
     grad_clip: float = 20.0
     """Global gradient-norm clip (0 = off). Pre-training 20, MSRVTT 5."""
 
@@ -48,6 +53,8 @@ class OptimConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("grad_clip and weight_decay must be >= 0")
+        if self.initial_zero_grad_steps < 0:
+            raise ValueError(f"initial_zero_grad_steps must be >= 0, got {self.initial_zero_grad_steps}")
 
 
 @dataclass
@@ -215,6 +222,28 @@ def check_inputs(cfg: RunConfig) -> None:
             raise ConfigError(f"init.{name}: {path} does not exist")
     if cfg.qa.vocab is not None and not Path(cfg.qa.vocab).is_file():
         raise ConfigError(f"qa.vocab: {cfg.qa.vocab} does not exist")
+    check_writable(Path(cfg.train.run_dir))
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory (or, before it exists, its nearest existing parent) must take a file: a read-only or
+    full disk is one line before any model is built. A real probe file, not ``os.access``: root passes every
+    permission check but not a read-only mount."""
+    import errno
+    import tempfile
+
+    probe_dir = run_dir
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ConfigError(f"train.run_dir: {probe_dir} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe_dir, prefix=".alpro-write-probe-") as f:
+            f.write(b"x")
+            f.flush()
+    except OSError as e:
+        what = "no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        raise ConfigError(f"train.run_dir: cannot write in {probe_dir} ({what})") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

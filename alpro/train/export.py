@@ -6,6 +6,8 @@
 ZeRO stages 1-3 keep the fp32 master weights partitioned across ranks; DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint`` re-assembles them (frozen parameters and buffers included). ZeRO-0
 keeps the full module in ``mp_rank_00_model_states.pt`` (DeepSpeed's helper fails on stage 0: PLATFORM.md).
+Either way every file is checked first (manifest, then the pickle allowlist: ``checkpoint.verify_checkpoint``)
+and read by torch's weights-only unpickler: a checkpoint from someone else cannot run code here.
 
 A run's ``final/`` directory (written at the end of training) holds everything a later stage, ``alpro eval``
 or ``alpro search`` needs: ``model.safetensors``, ``config.yaml``, ``tokenizer/``, and when relevant
@@ -25,31 +27,44 @@ import torch
 import yaml
 
 from alpro.errors import AlproError
-from alpro.train.checkpoint import find_latest
+from alpro.train.checkpoint import (
+    newest_intact,
+    restricted_unpickling,
+    verify_checkpoint,
+)
 
 LOG = logging.getLogger("alpro")
 
 
-def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ckpt: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     """fp32 state dict of the whole model from a checkpoint directory ``.../checkpoints/step-N``, with every
-    parameter in the model's own shape (0-d parameters are 1-element vectors inside the engine: runtime.py)."""
+    parameter in the model's own shape (0-d parameters are 1-element vectors inside the engine: runtime.py).
+    ``verify=False`` only for a checkpoint that :func:`verify_checkpoint` has just passed."""
     model_states = sorted(ckpt.glob("*model_states.pt"))
     if not model_states:
         raise AlproError(f"{ckpt}: not a DeepSpeed checkpoint (no *model_states.pt)")
+    if verify:
+        verify_checkpoint(ckpt)
     trainer_state = json.loads((ckpt / "trainer_state.json").read_text()) if (ckpt / "trainer_state.json").is_file() \
         else {}
     stage = 0
     config = ckpt / "config.yaml"
     if config.is_file():
-        stage = int((yaml.safe_load(config.read_text()) or {}).get("train", {}).get("zero_stage", 0))
-    if stage == 0:
-        # Our own checkpoint: DeepSpeed pickles its config next to the weights, so weights_only=False here.
-        states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        try:
+            stage = int(yaml.safe_load(config.read_text()).get("train", {}).get("zero_stage", 0))
+        except (yaml.YAMLError, AttributeError, TypeError, ValueError) as e:
+            raise AlproError(f"{config}: no readable train.zero_stage ({type(e).__name__})") from None
+    with restricted_unpickling():  # also covers zero_to_fp32's own torch.load(..., weights_only=False)
+        if stage == 0:
+            states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+            module = states.get("module") if isinstance(states, dict) else None
+            if not isinstance(module, dict):
+                raise AlproError(f"{ckpt / 'mp_rank_00_model_states.pt'}: no 'module' state dict in it")
+            state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
+            state = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name))
     for name in trainer_state.get("scalar_params", []):
         if name in state:
             state[name] = state[name].reshape(())
@@ -97,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     ckpt = args.checkpoint
     if (ckpt / "checkpoints").is_dir():
-        found = find_latest(ckpt / "checkpoints")
+        skipped: list[str] = []
+        found = newest_intact(ckpt / "checkpoints", skipped)
+        for warning in skipped:
+            LOG.warning(warning)
         if found is None:
             raise AlproError(f"{ckpt}: no complete checkpoint under checkpoints/")
         out = args.out or ckpt / "final" / "model.safetensors"
@@ -106,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         if not ckpt.is_dir():
             raise AlproError(f"{ckpt}: no such checkpoint directory")
         out = args.out or ckpt.parent.parent / "final" / "model.safetensors"
-    state = consolidated_state_dict(ckpt)
+    state = consolidated_state_dict(ckpt, verify=ckpt is args.checkpoint)
     save_state_dict(state, out, {"format": "alpro", "source": str(ckpt)})
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out} ({len(state)} tensors, {n / 1e6:.2f}M values) from {ckpt}")

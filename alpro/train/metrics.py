@@ -2,7 +2,9 @@
 
 Only rank 0 writes (other ranks get a no-op logger unless ``log_all_ranks``). Scalars are namespaced
 (``train/loss_vtc``, ``throughput/clips_per_s``, ``val/t2v_r1`` ...) and always go to the append-only
-``metrics.jsonl``; TensorBoard is optional and imported lazily.
+``metrics.jsonl``; TensorBoard is optional and imported lazily. Each checkpoint records how long
+``metrics.jsonl`` was when it was saved; a resumed run cuts the file back to that length first
+(:func:`truncate_metrics`), so the resumed log is the uninterrupted log's continuation, with no step twice.
 """
 
 from __future__ import annotations
@@ -66,6 +68,13 @@ class MetricLogger:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, float(v), step)
 
+    def tell(self) -> int:
+        """Bytes written to ``metrics.jsonl`` so far (0 when this rank does not write it)."""
+        if self._jsonl is None:
+            return 0
+        self._jsonl.flush()
+        return self._jsonl.tell()
+
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
@@ -73,8 +82,30 @@ class MetricLogger:
             self._tb.close()
 
 
+def truncate_metrics(path: Path, trainer_state: dict[str, Any]) -> None:
+    """Cut ``metrics.jsonl`` back to what it held when the checkpoint being resumed was saved: rows logged after
+    it (steps the resumed run will log again) go. Checkpoints saved before ``metrics_bytes`` was recorded: rows
+    past the checkpoint's step go (an evaluation logged right after the final save is kept)."""
+    if not path.is_file():
+        return
+    size = trainer_state.get("metrics_bytes")
+    if isinstance(size, int):
+        if path.stat().st_size > size:
+            with open(path, "r+b") as f:
+                f.truncate(size)
+        return
+    step = int(trainer_state.get("step", 0))
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All rows of a ``metrics.jsonl``; on resume a step may appear twice: the last write wins."""
+    """All rows of a ``metrics.jsonl``; should a step appear twice (a log from before :func:`truncate_metrics`),
+    the last write wins."""
     rows: dict[tuple[int, str], dict[str, Any]] = {}
     order: list[tuple[int, str]] = []
     with open(path) as f:

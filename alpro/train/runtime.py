@@ -158,21 +158,59 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
 
 
 def warmup_linear_schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int):
-    """Linear warm-up from 0 to ``lr``, then linear decay to 0 at ``total_steps`` (the original's
-    ``warmup_linear``), using DeepSpeed's ``WarmupDecayLR`` so it is stepped and checkpointed by the engine."""
-    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+    """The original's schedule exactly (``src/optimization/sched.py::get_lr_sched``, decay ``linear``): optimizer
+    step k (1-based, as its ``global_step`` after the increment) runs at ``lr * k / W`` while ``k < W``, then at
+    ``lr * (T - k) / (T - W)``, and at 1e-8 where that is <= 0 (its floor: the last step). No step runs at lr 0.
 
-    ds_logger = logging.getLogger("DeepSpeed")
-    level = ds_logger.level
-    ds_logger.setLevel(logging.ERROR)  # its constructor warns that the lr is read "before it has started"
-    schedule = WarmupDecayLR(
-        optimizer,
-        total_num_steps=max(total_steps, 1),
-        warmup_min_lr=0.0,
-        warmup_max_lr=lr,
-        warmup_num_steps=max(warmup_steps, 1),
-        warmup_type="linear",
-    )
-    ds_logger.setLevel(level)
-    schedule.step()  # position 0 = the first optimizer step's lr (it starts at -1, which would repeat lr 0)
-    return schedule
+    A ``LambdaLR`` (position 0 = the first optimizer step), stepped and checkpointed by the DeepSpeed engine; its
+    state (position and last lr) is restored on resume, so the first logged lr of a resumed run is right."""
+    total, warmup = max(total_steps, 1), max(warmup_steps, 0)
+
+    def factor(position: int) -> float:
+        k = position + 1
+        f = k / warmup if k < warmup else max(0.0, (total - k) / (total - warmup))
+        return f if f > 0 else 1e-8 / lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def decay_before_zero_grad_steps(groups: list[dict[str, Any]], lr: float, steps: int) -> None:
+    """The weight decay the original's zero-gradient steps apply (see :func:`zero_grad_steps`): each multiplies
+    the weights by ``1 - lr * weight_decay`` at the optimizer's initial (peak) lr. Applied to the model before
+    DeepSpeed copies it into its fp32 master partitions, so every ZeRO stage starts from the same weights."""
+    with torch.no_grad():
+        for group in groups:
+            factor = (1.0 - lr * group["weight_decay"]) ** steps
+            if factor != 1.0:
+                for p in group["params"]:
+                    p.mul_(factor)
+
+
+def zero_grad_steps(engine, steps: int) -> None:
+    """Run ``steps`` AdamW steps on zero gradients, as the original does before its first batch: Horovod's
+    ``broadcast_optimizer_state`` initialises a fresh optimizer's state with one ``step()`` on zero gradients, and
+    ``run_pretrain_sparse.py`` / ``run_video_qa.py`` call ``optimizer.step()`` once more before the loop ("quick
+    hack for amp delay_unscale bug"). Neither uses data: the moments stay 0 and the weights do not move, but Adam's
+    step count starts at ``steps``, which scales the bias correction of the first real updates.
+
+    Runs on the innermost torch AdamW (DeepSpeed's fp32 master partitions under ZeRO) with weight decay off; the
+    decay of those steps is :func:`decay_before_zero_grad_steps`."""
+    if steps <= 0:
+        return
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and getattr(opt, "optimizer", None) is not None:
+        opt = opt.optimizer
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise RuntimeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    decays = [g["weight_decay"] for g in opt.param_groups]
+    for group in opt.param_groups:
+        group["weight_decay"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for _ in range(steps):
+        opt.step()
+    for p in params:
+        p.grad = None
+    for group, wd in zip(opt.param_groups, decays):
+        group["weight_decay"] = wd

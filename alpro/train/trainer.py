@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from alpro.dist import barrier
+from alpro.dist import barrier, broadcast_object
 from alpro.errors import AlproError
 from alpro.kernels.triton_support import set_tf32
 from alpro.train import runtime
 from alpro.train.checkpoint import (
     CheckpointManager,
+    load_engine_checkpoint,
     load_rank_state,
     load_trainer_state,
     resolve_resume,
@@ -34,7 +35,7 @@ from alpro.train.checkpoint import (
     set_rng_state,
 )
 from alpro.train.config import RunConfig, dump_config
-from alpro.train.metrics import LOG, MetricLogger, format_duration, progress_line, setup_logging
+from alpro.train.metrics import LOG, MetricLogger, format_duration, progress_line, setup_logging, truncate_metrics
 
 TASK_OF_STAGE = {"prompter": "prompter", "pretrain": "pretrain", "retrieval": "retrieval", "qa": "qa"}
 
@@ -82,11 +83,13 @@ class Trainer:
         self.rank, self.world, self.local_rank = runtime.init_distributed()
         self.device = runtime.device_for(self.local_rank)
         self.run_dir = Path(cfg.train.run_dir)
-        self.resume_from = resolve_resume(cfg.train.resume, self.run_dir)
+        resume_warnings = self._resolve_resume()
         self._prepare_run_dir()
         setup_logging(self.run_dir, self.rank, cfg.train.log_all_ranks)
         self.sha = runtime.git_sha()
         LOG.info(f"stage {cfg.stage} | world {self.world} | device {self.device} | git {self.sha} | run {self.run_dir}")
+        for warning in resume_warnings:
+            LOG.warning(warning)
 
         from alpro.train import assets
 
@@ -105,6 +108,8 @@ class Trainer:
 
         exclude = set() if cfg.optim.decay_all_params else set(self.model.no_weight_decay())
         groups = runtime.param_groups(self.model, cfg.optim.weight_decay, exclude)
+        if self.resume_from is None:  # (a resumed run loads weights and optimizer state instead)
+            runtime.decay_before_zero_grad_steps(groups, cfg.optim.lr, cfg.optim.initial_zero_grad_steps)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
         scheduler = runtime.warmup_linear_schedule(optimizer, cfg.optim.lr, self.total_steps, warmup)
         ds_config = runtime.build_ds_config(
@@ -121,7 +126,13 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler, self.scalar_params = runtime.build_engine(
             self.model, optimizer, scheduler, ds_config
         )
+        if self.resume_from is None:
+            runtime.zero_grad_steps(self.engine, cfg.optim.initial_zero_grad_steps)
         self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_last)
+        if self.rank == 0 and self.resume_from is not None:
+            for stale in self.checkpoints.clean_stale():
+                LOG.info(f"removed {stale} (an unfinished save)")
+            truncate_metrics(self.run_dir / "metrics.jsonl", load_trainer_state(self.resume_from))
         self.metrics = MetricLogger(self.run_dir, enabled=self.rank == 0, tensorboard=cfg.train.tensorboard)
         LOG.info(
             f"model {n_all / 1e6:.2f}M params ({n_train / 1e6:.2f}M trainable) | {self.total_steps} steps "
@@ -133,8 +144,29 @@ class Trainer:
         else:
             runtime.seed_everything(cfg.seed + 1000 * self.rank)  # distinct dropout / VTM draws per rank
 
+    def _resolve_resume(self) -> list[str]:
+        """Rank 0 picks and verifies the checkpoint to resume (manifest hashes, pickle allowlist: checkpoint.py)
+        and every rank gets its answer, so files are hashed once and every rank fails with the same line.
+        Returns the warnings (damaged checkpoints skipped), logged once logging is set up."""
+        answer: tuple[str | None, list[str], str | None] = (None, [], None)
+        if self.rank == 0:
+            warnings: list[str] = []
+            try:
+                found = resolve_resume(self.cfg.train.resume, self.run_dir, warnings)
+                answer = (None if found is None else str(found), warnings, None)
+            except AlproError as e:
+                answer = (None, warnings, str(e))
+            except OSError as e:  # an unreadable file: still one line, and no rank left waiting
+                answer = (None, warnings, f"--train.resume {self.cfg.train.resume}: {e}")
+        found, warnings, error = broadcast_object(answer)
+        if error is not None:
+            raise AlproError(error)
+        self.resume_from = None if found is None else Path(found)
+        return warnings
+
     def _prepare_run_dir(self) -> None:
-        """Refuse to overwrite an existing run unless resuming; write config.yaml and the git sha."""
+        """Refuse to overwrite an existing run unless resuming; write config.yaml and the git sha. Before any
+        model is built: a read-only or full run directory is one line here."""
         if self.rank == 0:
             exists = self.run_dir.is_dir() and any(
                 (self.run_dir / n).exists() for n in ("metrics.jsonl", "checkpoints", "final")
@@ -144,16 +176,22 @@ class Trainer:
                     f"run directory {self.run_dir} already holds a run: pass --train.resume auto to continue it, "
                     "or choose another --train.run_dir"
                 )
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
-            (self.run_dir / "git_sha.txt").write_text(runtime.git_sha() + "\n")
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(dump_config(self.cfg))
+                (self.run_dir / "git_sha.txt").write_text(runtime.git_sha() + "\n")
+            except OSError as e:
+                raise AlproError(f"run directory {self.run_dir} is not writable: {e.strerror or e} "
+                                 f"({e.filename or self.run_dir})") from None
         barrier()
 
     def _resume(self, ckpt: Path) -> None:
         LOG.info(f"resuming from {ckpt}")
-        load_path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        if load_path is None:
-            raise AlproError(f"DeepSpeed could not load checkpoint {ckpt}")
+        load_engine_checkpoint(self.engine, ckpt)
+        # The optimizer's lr is the schedule's (restored with it), whatever DeepSpeed restored in param_groups.
+        if self.scheduler is not None:
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
         state = load_trainer_state(ckpt)
         rank_state = load_rank_state(ckpt, self.rank)
         self.step = state["step"]
@@ -314,6 +352,7 @@ class Trainer:
             "time": time.time(),
             "stage": self.cfg.stage,
             "scalar_params": self.scalar_params,  # 0-d parameters DeepSpeed holds as 1-element vectors
+            "metrics_bytes": self.metrics.tell(),  # metrics.jsonl up to this step: a resume continues from here
         }
         rank_state = {"step": self.step, "rng": rng_state(), "loader": self.loader.state_dict()}
         path = self.checkpoints.save(self.engine, self.step, trainer_state, rank_state, dump_config(self.cfg))
