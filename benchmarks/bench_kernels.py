@@ -5,11 +5,16 @@
 
 With a CUDA GPU (``triton.testing.do_bench``, median and 20/80 % quantiles, L2 flushed before each call):
 
-- divided attention at ALPRO's shapes (B = 16/32/64 clips, T = 4/8/16, 197 tokens, 12 heads x 64, bf16),
-  temporal and spatial pass, forward and forward+backward, for naive PyTorch (the TimeSformer maths), SDPA,
-  xformers (when installed) and Triton: ms, TFLOP/s by FlashAttention's count (4*B*H*L^2*D per forward, x3.5
-  for forward+backward), GB/s of minimum traffic and its fraction of the HBM peak, peak memory;
-- the contrastive loss (local rows x gathered columns, D = 256, bf16): reference, chunked and Triton.
+- divided attention at ALPRO's shapes (B = 16/32/64 clips, T = 4/8/16, 197 tokens, 12 heads x 64; bf16, fp16
+  and fp32, ``--dtypes``), temporal and spatial pass, forward and forward+backward, for naive PyTorch (the
+  TimeSformer maths), SDPA, xformers (when installed), Triton (autotuned; the winning config of each kernel is
+  recorded) and Triton with ``deterministic=True`` (pinned configs, no atomics): ms, TFLOP/s by FlashAttention's
+  count (4*B*H*L^2*D per forward, x3.5 for forward+backward), GB/s of minimum traffic (the temporal backward reads
+  no output) and its fraction of the HBM peak, peak memory, and the largest error against fp32 SDPA;
+- the contrastive loss (local rows x gathered columns, D = 256): reference, chunked and Triton, with the loss's
+  distance to an fp32 evaluation and the winning configs.
+
+``benchmarks/gpu_check.py`` (``make gpu-check``) is the pass/fail check of the same kernels for the first GPU hour.
 
 On the CPU (always): the contrastive loss's peak memory at B = 16k, D = 256, chunked vs naive, each in a fresh
 process (peak RSS above the process's state before the loss), with the loss and gradients compared; and the
@@ -47,6 +52,7 @@ HBM_PEAK_GBPS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 P
                  "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555,
                  "L40S": 864, "L4": 300, "A10": 600, "V100": 900}  # fmt: skip
 QUANTILES = [0.5, 0.2, 0.8]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def environment() -> dict:
@@ -88,87 +94,128 @@ def attention_inputs(op: str, B: int, T: int, N: int, H: int, Dh: int, dtype) ->
 
 
 def attention_fn(op: str, provider: str, qkv: torch.Tensor, T: int, H: int, backward: bool):
-    """A closure running one pass (and its backward against a fixed upstream gradient)."""
+    """A closure running one pass (and its backward against a fixed upstream gradient), and one that returns the
+    outputs and d qkv for the correctness column."""
     fn = A.temporal_attention if op == "temporal" else A.spatial_attention
-    backend = {"naive": "reference"}.get(provider, provider)
-    outs = fn(qkv, T, H, backend=backend)
+    backend = {"naive": "reference", "triton_det": "triton"}.get(provider, provider)
+    kw = {"deterministic": provider == "triton_det"} if provider.startswith("triton") else {}
+    outs = fn(qkv, T, H, backend=backend, **kw)
     outs = (outs,) if op == "temporal" else outs
-    grads = [torch.randn_like(o) for o in outs]
+    g = torch.Generator(device=qkv.device).manual_seed(1)
+    grads = [torch.randn(o.shape, generator=g, device=o.device, dtype=o.dtype) for o in outs]
 
     def run():
-        out = fn(qkv, T, H, backend=backend)
+        out = fn(qkv, T, H, backend=backend, **kw)
         if backward:
             torch.autograd.backward((out,) if op == "temporal" else out, grads)
 
-    return run
+    def values(x: torch.Tensor) -> list[torch.Tensor]:
+        x = x.detach().requires_grad_()
+        out = fn(x, T, H, backend=backend, **kw)
+        out = (out,) if op == "temporal" else out
+        if not backward:
+            return [o.detach() for o in out]
+        (dx,) = torch.autograd.grad(out, [x], [gr.to(o.dtype) for o, gr in zip(out, grads)])
+        return [o.detach() for o in out] + [dx]
+
+    return run, values
+
+
+def max_error(values, qkv: torch.Tensor, reference: list[torch.Tensor]) -> float:
+    """Largest |provider - fp32 reference| over the outputs (and d qkv for forward+backward rows)."""
+    return max((v.float() - r).abs().max().item() for v, r in zip(values(qkv), reference))
+
+
+def autotune_winners(op: str) -> str:
+    """The config autotuning picked for each kernel of the pass (its last launch)."""
+    from alpro.kernels import attention_triton as att
+    from alpro.kernels.triton_support import describe_config
+
+    names = ["temporal_fwd", "temporal_bwd"] if op == "temporal" else ["spatial_fwd", "spatial_bwd_dq",
+                                                                         "spatial_bwd_dkdv"]  # fmt: skip
+    return "; ".join(f"{n}: {describe_config(att.TUNED[n].best_config)}" for n in names
+                     if getattr(att.TUNED[n], "best_config", None) is not None)  # fmt: skip
 
 
 def attention_cost(op: str, B: int, T: int, N: int, H: int, Dh: int, elem: int, backward: bool) -> tuple:
-    """(FLOPs by FlashAttention's count, minimum bytes moved): read qkv, write out; backward also reads out
-    (spatial: Delta), dout and qkv and writes dqkv."""
+    """(FLOPs by FlashAttention's count, minimum bytes moved). Forward: read qkv, write out. Backward: read qkv and
+    dout, write dqkv; the spatial backward also reads out (for Delta = rowsum(dO * O)), the temporal one does not
+    (it recomputes the whole softmax in one tile and uses rowsum(P * dP) instead)."""
     groups, L = (B * N, T) if op == "temporal" else (B * T, 1 + N)
     flops = 4.0 * groups * H * L * L * Dh * (3.5 if backward else 1.0)
     rows, C = (B * N * T if op == "temporal" else B * (1 + N * T)), H * Dh
-    traffic = rows * C * elem * (4 + (3 + 1 + 1 + 3 if backward else 0))
+    backward_units = (3 + 1 + 3) + (0 if op == "temporal" else 1)  # qkv + dout + dqkv (+ out)
+    traffic = rows * C * elem * (4 + (backward_units if backward else 0))
     return flops, traffic
 
 
-def bench_attention_gpu(env: dict, quick: bool) -> list[dict]:
+def bench_attention_gpu(env: dict, quick: bool, dtypes: list[str]) -> list[dict]:
     import triton.testing
 
-    providers = ["naive", "sdpa", "triton"] + (["xformers"] if env["xformers"] else [])
+    providers = ["naive", "sdpa", "triton", "triton_det"] + (["xformers"] if env["xformers"] else [])
     peak = hbm_peak(env["device"])
-    N, H, Dh, dtype = 196, 12, 64, torch.bfloat16
+    N, H, Dh = 196, 12, 64
     rows = []
-    for B in (16,) if quick else (16, 32, 64):
-        for T in (4, 8) if quick else (4, 8, 16):
-            for op in ("temporal", "spatial"):
-                qkv = attention_inputs(op, B, T, N, H, Dh, dtype)
-                for backward in (False, True):
-                    flops, traffic = attention_cost(op, B, T, N, H, Dh, qkv.element_size(), backward)
-                    for provider in providers:
-                        row = {"bench": "attention", "op": op, "mode": "fwd+bwd" if backward else "fwd",
-                               "provider": provider, "B": B, "T": T, "tokens": 1 + N, "heads": H, "head_dim": Dh,
-                               "dtype": "bf16"}  # fmt: skip
-                        try:
-                            run = attention_fn(op, provider, qkv, T, H, backward)
-                            run()
-                            torch.cuda.synchronize()
-                            torch.cuda.reset_peak_memory_stats()
-                            base = torch.cuda.memory_allocated()
-                            run()
-                            torch.cuda.synchronize()
-                            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-                            ms = triton.testing.do_bench(run, quantiles=QUANTILES, grad_to_none=[qkv])
-                        except Exception as e:  # one provider failing (e.g. OOM for naive at B=64) keeps the rest
-                            rows.append(row | {"note": f"{type(e).__name__}: {e}"[:200]})
-                            torch.cuda.empty_cache()
-                            continue
-                        gbps = traffic / (ms[0] * 1e-3) / 1e9
-                        rows.append(row | {
-                            "ms_p50": round(ms[0], 4), "ms_p20": round(ms[1], 4), "ms_p80": round(ms[2], 4),
-                            "tflops": round(flops / (ms[0] * 1e-3) / 1e12, 2), "gbps": round(gbps, 1),
-                            "hbm_fraction": round(gbps / peak, 3) if peak else None, "peak_mb": round(peak_mb, 1),
-                        })  # fmt: skip
-                        print(rows[-1])
-                del qkv
-                torch.cuda.empty_cache()
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        for B in (16,) if quick else (16, 32, 64):
+            for T in (4, 8) if quick else (4, 8, 16):
+                for op in ("temporal", "spatial"):
+                    qkv = attention_inputs(op, B, T, N, H, Dh, dtype)
+                    for backward in (False, True):
+                        flops, traffic = attention_cost(op, B, T, N, H, Dh, qkv.element_size(), backward)
+                        _, ref_values = attention_fn(op, "sdpa", qkv.float(), T, H, backward)
+                        reference = [r.float() for r in ref_values(qkv.float())]  # fp32 SDPA: the correctness yardstick
+                        for provider in providers:
+                            row = {"bench": "attention", "op": op, "mode": "fwd+bwd" if backward else "fwd",
+                                   "provider": provider, "B": B, "T": T, "tokens": 1 + N, "heads": H, "head_dim": Dh,
+                                   "dtype": dname}  # fmt: skip
+                            try:
+                                run, values = attention_fn(op, provider, qkv, T, H, backward)
+                                run()
+                                torch.cuda.synchronize()
+                                torch.cuda.reset_peak_memory_stats()
+                                base = torch.cuda.memory_allocated()
+                                run()
+                                torch.cuda.synchronize()
+                                peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+                                ms = triton.testing.do_bench(run, quantiles=QUANTILES, grad_to_none=[qkv])
+                                err = max_error(values, qkv, reference)
+                            except Exception as e:  # one provider failing (e.g. OOM for naive at B=64) keeps the rest
+                                rows.append(row | {"note": f"{type(e).__name__}: {e}"[:200]})
+                                torch.cuda.empty_cache()
+                                continue
+                            gbps = traffic / (ms[0] * 1e-3) / 1e9
+                            rows.append(row | {
+                                "ms_p50": round(ms[0], 4), "ms_p20": round(ms[1], 4), "ms_p80": round(ms[2], 4),
+                                "tflops": round(flops / (ms[0] * 1e-3) / 1e12, 2), "gbps": round(gbps, 1),
+                                "hbm_fraction": round(gbps / peak, 3) if peak else None, "peak_mb": round(peak_mb, 1),
+                                "max_err_vs_fp32": float(f"{err:.3g}"),
+                                "autotune_winner": autotune_winners(op) if provider == "triton" else "",
+                            })  # fmt: skip
+                            print(rows[-1])
+                    del qkv
+                    torch.cuda.empty_cache()
     return rows
 
 
-def bench_contrastive_gpu(quick: bool) -> list[dict]:
+def bench_contrastive_gpu(quick: bool, dtypes: list[str]) -> list[dict]:
     import triton.testing
 
     rows = []
-    for M, G in ((256, 256), (4096, 4096)) if quick else ((256, 256), (4096, 32768), (16384, 16384)):
+    shapes = ((256, 256), (4096, 4096)) if quick else ((16, 256), (256, 256), (4096, 32768), (16384, 16384))
+    for dname, (M, G) in ((d, s) for d in dtypes for s in shapes):
         D = 256
-        va = F.normalize(torch.randn(G, D, device="cuda"), dim=-1).bfloat16().requires_grad_()
-        ta = F.normalize(torch.randn(G, D, device="cuda"), dim=-1).bfloat16().requires_grad_()
+        va = F.normalize(torch.randn(G, D, device="cuda"), dim=-1).to(DTYPES[dname]).requires_grad_()
+        ta = F.normalize(torch.randn(G, D, device="cuda"), dim=-1).to(DTYPES[dname]).requires_grad_()
         temp = torch.tensor(0.07, device="cuda", requires_grad=True)
         flops = 2.0 * 2 * M * G * D * 3  # two directions; forward 1 GEMM each, backward 2 (dx, dy)
+        with torch.no_grad():
+            ref_loss = CL.contrastive_loss(va[:M].float(), ta[:M].float(), va.float(), ta.float(), temp, 0,
+                                           backend="chunked").item()  # fmt: skip
         for provider in ("reference", "chunked", "triton"):
             row = {"bench": "contrastive", "op": "infonce", "mode": "fwd+bwd", "provider": provider, "B": M,
-                   "G": G, "dim": D, "dtype": "bf16"}  # fmt: skip
+                   "G": G, "dim": D, "dtype": dname}  # fmt: skip
 
             def run(provider=provider, va=va, ta=ta, temp=temp, M=M):
                 CL.contrastive_loss(va[:M], ta[:M], va, ta, temp, 0, backend=provider).backward()
@@ -182,12 +229,21 @@ def bench_contrastive_gpu(quick: bool) -> list[dict]:
                 torch.cuda.synchronize()
                 peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
                 ms = triton.testing.do_bench(run, quantiles=QUANTILES, grad_to_none=[va, ta, temp])
+                with torch.no_grad():
+                    loss = CL.contrastive_loss(va[:M], ta[:M], va, ta, temp, 0, backend=provider).item()
             except Exception as e:
                 rows.append(row | {"note": f"{type(e).__name__}: {e}"[:200]})
                 torch.cuda.empty_cache()
                 continue
+            from alpro.kernels import contrastive_triton as ctr
+            from alpro.kernels.triton_support import describe_config
+
+            winners = "; ".join(f"{n}: {describe_config(t.best_config)}" for n, t in ctr.TUNED.items()
+                                if provider == "triton" and getattr(t, "best_config", None) is not None)  # fmt: skip
             rows.append(row | {"ms_p50": round(ms[0], 4), "ms_p20": round(ms[1], 4), "ms_p80": round(ms[2], 4),
-                               "tflops": round(flops / (ms[0] * 1e-3) / 1e12, 2), "peak_mb": round(peak_mb, 1)})  # fmt: skip
+                               "tflops": round(flops / (ms[0] * 1e-3) / 1e12, 2), "peak_mb": round(peak_mb, 1),
+                               "loss_err_vs_fp32": float(f"{abs(loss - ref_loss):.3g}"),
+                               "autotune_winner": winners})  # fmt: skip
             print(rows[-1])
     return rows
 
@@ -323,14 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes; B = 4096 for the CPU memory run")
     parser.add_argument("--memory-batch", type=int, default=16384, help="B for the CPU contrastive memory run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_kernels"))
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32", help="GPU: comma-separated input dtypes to time")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     env = environment()
     print(env)
     rows = []
     if torch.cuda.is_available():
-        rows += bench_attention_gpu(env, args.quick)
-        rows += bench_contrastive_gpu(args.quick)
+        dtypes = args.dtypes.split(",")
+        rows += bench_attention_gpu(env, args.quick, dtypes)
+        rows += bench_contrastive_gpu(args.quick, dtypes)
     else:
         print("No CUDA GPU: the Triton/xformers/SDPA GPU timings, TFLOP/s and HBM figures need a GPU; running the "
               "CPU part only (contrastive memory, reference vs SDPA attention).")  # fmt: skip

@@ -575,7 +575,7 @@ FULL = {
     "contrastive_speed": [(16, 256), (4096, 32768), (16384, 16384)],
     "dali_size": (400, 224), "dali_clips": 32,
     "train_preset": "alpro-base", "train_size": 224, "train_steps": 30, "train_batch": 16,
-    "numerics_budget_s": 270.0,
+    "numerics_budget_s": 200.0,
 }  # fmt: skip
 SMOKE = {
     "attention_shapes": [(1, 2), (2, 3)],
