@@ -454,3 +454,22 @@ def test_contact_sheet_with_hits_missing_from_the_shards(tmp_path, clips, capsys
     with pytest.raises(AlproError, match="none of the hits") as err:
         contact_sheet(hits[1:], index, tmp_path / "none.png")
     assert "\n" not in str(err.value) and not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.slow
+def test_alpro_train_with_a_failing_pipe_source_stops_with_one_line(tiny_shards, tmp_path):
+    """The real trainer CLI: no endless re-runs, exit status 2, one line naming the command and its stderr."""
+    cmd = "pipe:cat /nonexistent/shard-{000000..000001}.tar"
+    args = ["train", "--config", str(REPO / "launch" / "configs" / "debug" / "prompter.yaml"),
+            "--train.run_dir", str(tmp_path / "run"), "--data.train.video", cmd,
+            "--data.train.video_index", str(tiny_shards["train_video"] / INDEX_NAME), "--data.train.image", "null",
+            "--data.test.video", str(tiny_shards["test_video"]), "--data.pipe_retries", "1"]
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "alpro", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and lines[0].startswith("alpro train: error: data.train.video: ")
+    assert "cat /nonexistent/shard-00000" in lines[0] and "exit status 1" in lines[0]
+    assert "No such file or directory" in lines[0] and "Traceback" not in proc.stderr
+    assert time.monotonic() - t0 < 240

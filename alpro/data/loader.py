@@ -74,11 +74,14 @@ def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int 
     cfg = cfg or DataConfig()
     if shardset.streaming:
         out: list = []
-        for shard in shardset.shards:
-            for _, members in stream_samples(shard.url, out.append, cfg.limits, cfg.pipe_retries):
-                out.append(_try(fn, members))
-                if limit is not None and len(out) >= limit:
-                    return out
+        try:
+            for shard in shardset.shards:
+                for _, members in stream_samples(shard.url, out.append, cfg.limits, cfg.pipe_retries):
+                    out.append(_try(fn, members))
+                    if limit is not None and len(out) >= limit:
+                        return out
+        except AlproError as e:  # a failing pipe: command, named with the source it belongs to
+            raise AlproError(f"{shardset.name}: {e}") from None
         return out
     n = len(shardset)
     if ids is None:
