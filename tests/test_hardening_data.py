@@ -380,7 +380,10 @@ def test_member_size_caps_skip_from_the_header_and_index_sizes_cannot_force_a_hu
 def test_default_caps_are_stated_and_configurable():
     limits = DataConfig().limits
     assert (limits.video_bytes, limits.image_bytes, limits.other_bytes) == (512 << 20, 64 << 20, 16 << 20)
-    assert limits.image_pixels == 4096 * 4096
+    assert limits.image_pixels == 7680 * 4320
+    from alpro.sharding.media import DEFAULT_MAX_PIXELS
+
+    assert limits.image_pixels == DEFAULT_MAX_PIXELS  # what the sharder accepts, the loader accepts
     assert limits.member_cap("mp4") == ("video", 512 << 20) and limits.member_cap("seg.PNG")[0] == "image"
     doc = (REPO / "docs" / "loader.md").read_text()
     for name in ("limits.video_bytes", "limits.image_bytes", "limits.other_bytes", "limits.image_pixels"):

@@ -123,9 +123,10 @@ class LimitsConfig:
     """Largest image member (jpg, png, webp, ...): 64 MiB, far above any photo a training set holds."""
     other_bytes: int = 16 << 20
     """Largest member of any other kind (json, txt, vinfo, ...): 16 MiB; the sharder's are under 4 KB."""
-    image_pixels: int = 4096 * 4096
-    """Largest image (width x height, read from the image header before decoding): 16.8 Mpx, whose RGB
-    decode is 50 MB. A training image ends up as a 224 px crop; a bigger one costs memory and time only."""
+    image_pixels: int = 7680 * 4320
+    """Largest image (width x height, read from the image header before decoding): 33.2 Mpx (8K UHD), the
+    sharder's own source cap (``alpro shard --max-pixels``), so every image it accepts is accepted here and a
+    foreign one costs at most ~0.3 GB while decoded (Pillow's image, the RGB array, its copy). A training image ends up as a 224 px crop."""
 
     def __post_init__(self) -> None:
         if min(self.video_bytes, self.image_bytes, self.other_bytes, self.image_pixels) < 1:

@@ -169,7 +169,7 @@ def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, i
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), decoded
 
 
-def decode_picture(data: bytes, max_pixels: int = 4096 * 4096) -> torch.Tensor:
+def decode_picture(data: bytes, max_pixels: int = 7680 * 4320) -> torch.Tensor:
     """JPEG / PNG / WebP bytes -> (3, H, W) uint8 RGB (Pillow; grey, palette and CMYK images are converted).
 
     The size is read from the image header first: an image over ``max_pixels`` (``data.limits.image_pixels``)
