@@ -118,7 +118,10 @@ def _read_json(raw: bytes | None, length: int, limits: LimitsConfig) -> tuple[An
 
 
 def _rejects_near(tars: list[Path]) -> Counter[str]:
-    """Reject counts from the ``_stats.json`` of these shards (or ``rejects.jsonl`` when no stats exist)."""
+    """Reject counts from the ``_stats.json`` of these shards (or ``rejects.jsonl`` when no stats exist).
+
+    These files may come from anyone: a stats file or a line that is not what the sharder writes is counted
+    as ``unreadable_stats`` / ``unreadable_line`` instead of stopping the report."""
     reasons: Counter[str] = Counter()
     found_stats = False
     for tar in tars:
@@ -126,15 +129,19 @@ def _rejects_near(tars: list[Path]) -> Counter[str]:
         if stats_path.is_file():
             found_stats = True
             try:
-                reasons.update(json.loads(stats_path.read_text(encoding="utf-8")).get("rejects_by_reason", {}))
-            except ValueError:
-                continue
+                found = json.loads(stats_path.read_text(encoding="utf-8")).get("rejects_by_reason", {})
+                reasons.update({str(k): int(v) for k, v in found.items() if isinstance(v, int) and v >= 0})
+            except (ValueError, AttributeError, OSError):
+                reasons["unreadable_stats"] += 1
     if not found_stats:
         for rejects in {t.parent / "rejects.jsonl" for t in tars}:
             if rejects.is_file():
                 for line in rejects.read_text(encoding="utf-8", errors="replace").splitlines():
                     if line.strip():
-                        reasons[json.loads(line).get("reason", "unknown")] += 1
+                        try:
+                            reasons[str(json.loads(line).get("reason", "unknown"))] += 1
+                        except (ValueError, AttributeError):
+                            reasons["unreadable_line"] += 1
     return reasons
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import media_factory as mf
 import pytest
 import zstandard
-from data_fixtures import write_shards
+from data_fixtures import write_foreign, write_shards
 
 from alpro.config import from_dict
 from alpro.data import DataConfig, build_eval_loader, build_tokenizer, build_train_loader
@@ -229,6 +229,20 @@ def test_cut_tar_is_truncated_when_streamed(cut_shards, tok):
     errors: list = []
     assert [k for k, _ in stream_samples(cmd.replace("{000000..000001}", "000001"), errors.append)] == ["good3"]
     assert [e.reason for e in errors] == ["truncated"]
+
+
+def test_cut_foreign_tar_without_index_counts_truncated(tmp_path, clips, tok, caplog):
+    shards = write_foreign(tmp_path / "v2d", clips[:3], per_shard=3)
+    tar = shards / "00000.tar"
+    with tarfile.open(tar) as t:
+        last_clip = [m for m in t.getmembers() if m.name.endswith(".mp4")][-1]
+    os.truncate(tar, last_clip.offset_data + last_clip.size // 2)  # in the middle of the last clip
+    with caplog.at_level("WARNING", logger="alpro.data"):
+        loader = build_eval_loader(_cfg(shards), "retrieval", tok, 0, 1)
+    assert "its last sample counts as truncated" in caplog.text
+    slots = [(k, ok) for b in loader for k, ok in zip(b.keys, b.valid.tolist())]
+    assert [k for k, ok in slots if ok] == ["000000000", "000000001"]
+    assert _skips(loader) == {"truncated": 1}  # not missing_media: the cut clip is never half-delivered
 
 
 def test_inspect_reports_complete_samples_and_where_the_tar_ends(cut_shards, tmp_path):

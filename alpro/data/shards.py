@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+import logging
 import lzma
 import os
 import posixpath
@@ -36,6 +37,7 @@ from braceexpand import braceexpand
 from alpro.data.config import LimitsConfig
 from alpro.errors import AlproError
 
+LOG = logging.getLogger("alpro.data")
 INDEX_NAME = "index.json.zst"
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -325,15 +327,18 @@ def split_name(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def _iter_members(get, end: int, whole_tar: bool = False):
-    """Yield (name, data_offset, size) for each regular member of a byte range read through ``get(a, b)``.
+def _iter_members(get, end: int, whole_tar: bool = False, starts: bool = False):
+    """Yield (name, data_offset, size) for each regular member of a byte range read through ``get(a, b)``;
+    with ``starts``, (header_offset, name, data_offset, size), where the header offset is that of the member's
+    first record (a GNU long name or PAX record before its header, if any).
 
     Only headers (and GNU long-name / PAX records) are fetched, so walking past a large member costs nothing.
     Headers are parsed by ``tarfile.TarInfo.frombuf``; the walk stops at an all-zero block or the range end.
     ``whole_tar``: the range is a whole tar file, so ending without the all-zero end-of-archive block, or
     with a header cut short, raises SampleError('truncated') naming the byte where the file ends."""
-    pos, long_name = 0, None
+    pos, long_name, first = 0, None, None
     while pos + _BLOCK <= end:
+        first = pos if first is None else first
         block = get(pos, pos + _BLOCK)
         if len(block) < _BLOCK:
             raise SampleError("truncated", f"tar header at +{pos} is cut short")
@@ -354,7 +359,8 @@ def _iter_members(get, end: int, whole_tar: bool = False):
         else:
             name, long_name = (long_name or info.name), None
             if info.isreg():
-                yield name, data, info.size
+                yield (first, name, data, info.size) if starts else (name, data, info.size)
+            first = None
         pos = data + (info.size + _BLOCK - 1) // _BLOCK * _BLOCK
     if whole_tar:
         where = ("without its end-of-archive block" if pos == end else f"inside the header at byte {pos}"
@@ -396,43 +402,46 @@ def parse_sample(buf: bytes, limits: LimitsConfig | None = None) -> tuple[str, d
 def scan_tar(path: str) -> Shard:
     """Sample table of a local tar without an index, by walking its headers (foreign shards).
 
-    A truncated tail keeps the complete samples before it. Media and frame counts are probed later."""
+    A tar that ends early keeps the complete samples before the cut; the sample the cut falls in (or, for a
+    tar without its end-of-archive block, the last one) stays listed with a byte range past the end of the
+    file, so reading it counts ``truncated`` exactly as with an index. Media and frame counts are probed
+    later."""
     keys, offsets, sizes, media = [], [], [], []
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            members = []
-            while True:
-                try:
-                    m = tar.next()
-                except (tarfile.ReadError, EOFError, OSError):
-                    break
-                if m is None:
-                    break
-                members.append(m)
-    except (tarfile.ReadError, OSError) as e:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
         raise AlproError(f"{path}: not a readable tar file ({e})") from None
-    size_on_disk = os.path.getsize(path)
-    current: str | None = None
-    for m in members:
-        parts = split_name(m.name) if m.isreg() else None
-        if parts is None:
-            continue
-        end = m.offset_data + (m.size + _BLOCK - 1) // _BLOCK * _BLOCK
-        if end > size_on_disk:
-            break  # truncated member
-        if parts[0] != current:
-            current = parts[0]
-            keys.append(current.rsplit("/", 1)[-1])
-            offsets.append(m.offset)
-            sizes.append(end - m.offset)
-            media.append(MEDIA_UNKNOWN)
-        else:
-            sizes[-1] = end - offsets[-1]
-        ext = parts[1].split(".")[-1]
-        if ext in VIDEO_EXTS:
-            media[-1] = MEDIA_VIDEO
-        elif ext in IMAGE_EXTS and media[-1] != MEDIA_VIDEO:
-            media[-1] = MEDIA_IMAGE
+    try:
+        size_on_disk = os.fstat(fd).st_size
+        get = lambda a, b: os.pread(fd, max(0, min(b, size_on_disk) - a), a)  # noqa: E731
+        current: str | None = None
+        try:
+            for start, name, data, length in _iter_members(get, size_on_disk, whole_tar=True, starts=True):
+                parts = split_name(name)
+                if parts is None:
+                    continue
+                end = data + (length + _BLOCK - 1) // _BLOCK * _BLOCK
+                if parts[0] != current:
+                    current = parts[0]
+                    keys.append(current.rsplit("/", 1)[-1])
+                    offsets.append(start)
+                    media.append(MEDIA_UNKNOWN)
+                    sizes.append(0)
+                sizes[-1] = end - offsets[-1]
+                ext = parts[1].split(".")[-1]
+                if ext in VIDEO_EXTS:
+                    media[-1] = MEDIA_VIDEO
+                elif ext in IMAGE_EXTS and media[-1] != MEDIA_VIDEO:
+                    media[-1] = MEDIA_IMAGE
+        except SampleError as e:
+            if not keys and e.reason != "truncated":
+                raise AlproError(f"{path}: not a readable tar file ({e})") from None
+            detail = str(e).split(": ", 1)[-1]
+            LOG.warning(f"{path}: {detail}" + ("; its last sample counts as truncated" if keys else ""))
+            if keys and e.reason == "truncated":
+                sizes[-1] = max(sizes[-1], size_on_disk + _BLOCK - offsets[-1])
+    finally:
+        os.close(fd)
     n = len(keys)
     return Shard(url=path, keys=np.array(keys, dtype="S"), offsets=np.asarray(offsets, np.int64),
                  sizes=np.asarray(sizes, np.int64), media=np.asarray(media, np.uint8),
