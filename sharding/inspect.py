@@ -4,6 +4,11 @@ Accepts a shard directory, a glob (``out/shard-*.tar``), a brace pattern (``out/
 one tar. Reads only tar headers and the small ``KEY.json`` members (media bytes are seeked over), plus the
 ``_stats.json`` / ``rejects.jsonl`` files next to the shards when they exist. Shards made by other tools (no
 ``KEY.json``, or one without our fields) are counted too. ``--extract KEY`` writes one sample's members out.
+
+Shards from anyone are summarised, never a crash: a ``KEY.json`` that fails the loader's checks
+(:mod:`alpro.data.meta`) is counted under ``bad_samples`` (first 20 listed by key with the reason), and a tar
+cut short reports, under ``truncated``, where the file ends, the complete samples before the cut (which are
+counted as usual) and the sample the cut falls in.
 """
 
 from __future__ import annotations
