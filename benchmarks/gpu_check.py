@@ -16,7 +16,8 @@ Sections, one printed line per case (``PASS`` / ``FAIL`` / ``SKIP`` and what was
    PyTorch (the TimeSformer maths), SDPA on pre-laid-out q/k/v (``sdpa_raw``), SDPA including the layout copies
    (``sdpa``, what the model would run), xformers when installed, Triton (autotuned; the winning config of each
    kernel is recorded) and Triton with ``deterministic=True`` (pinned configs, no atomics). GB/s of minimum
-   traffic and the fraction of the HBM peak; the contrastive loss (reference / chunked / Triton).
+   traffic and the fraction of the HBM peak; the contrastive loss (reference / chunked / Triton / Triton with the
+   opt-in column split, ``set_column_split("auto")``, also checked in section 1).
 3. ``dali``: DALI ``mixed`` (NVDEC) decoding of H.264 clips (keyframe every 6 frames, B-frames) against PyAV at
    the same frame indices, before any resize: luma PSNR >= 40 dB (RGB PSNR is reported too; it also measures the
    two libraries' different chroma upsampling), and clips/s of each.
@@ -35,6 +36,7 @@ on the CPU). Exit status 1 when any case FAILs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -141,6 +143,19 @@ def contrastive_errors(M: int, G: int, D: int, dtype, device: str, seed: int = 0
     return {n: (_err(kern[i], ref[i]), _err(same[i], ref[i])) for i, n in enumerate(names)}
 
 
+@contextlib.contextmanager
+def column_split(splits):
+    """The contrastive kernels' opt-in column split (kernels/contrastive_triton.py), restored afterwards."""
+    from alpro.kernels import contrastive_triton as ctr
+
+    previous = ctr.get_column_split()
+    ctr.set_column_split(splits)
+    try:
+        yield
+    finally:
+        ctr.set_column_split(previous)
+
+
 def _kernel_names(op: str, det: bool | None) -> list[str]:
     if op == "temporal":
         return ["temporal_fwd", "temporal_bwd"]
@@ -203,7 +218,8 @@ def section_numerics(rep: Report, plan: dict, device: str, arch: int, budget_s: 
                     except Exception as e:  # one broken config must not hide the others
                         rep.add("numerics", case, "FAIL", f"{type(e).__name__}: {e}"[:300])
         for i, (M, G) in enumerate(plan["contrastive_shapes"]):
-            runs = [(default, None, None)]
+            split = plan["column_split"]
+            runs = [(default, None, None), (f"column split {split}", "split", split)]
             if i == 0 and dname in plan["force_dtypes"]:
                 for name in ("lse_fwd", "lse_bwd_dx", "lse_bwd_dy"):
                     runs += [(f"{name}={describe_config(c)}", name, c) for c in _shipped(name, arch, dtype, 256, None)]
@@ -214,6 +230,9 @@ def section_numerics(rep: Report, plan: dict, device: str, arch: int, budget_s: 
                 try:
                     if cfg is None:
                         errors = contrastive_errors(M, G, plan["dim"], dtype, device)
+                    elif name == "split":
+                        with column_split(cfg):
+                            errors = contrastive_errors(M, G, plan["dim"], dtype, device)
                     else:
                         with forced_config(name, cfg):
                             errors = contrastive_errors(M, G, plan["dim"], dtype, device)
@@ -355,14 +374,16 @@ def section_speed(rep: Report, plan: dict, device: str, env: dict) -> None:
         va = F.normalize(torch.randn(G, D, device=device), dim=-1).to(dtype).requires_grad_()
         ta = F.normalize(torch.randn(G, D, device=device), dim=-1).to(dtype).requires_grad_()
         temp = torch.tensor(0.07, device=device, requires_grad=True)
-        for provider in ("reference", "chunked", "triton"):
+        for provider in ("reference", "chunked", "triton", "triton_split"):
             case = f"contrastive fwd+bwd {_SHORT[dtype]} local {M} gathered {G} D{D} {provider}"
+            backend = "triton" if provider == "triton_split" else provider
 
-            def run(provider=provider, M=M, va=va, ta=ta, temp=temp):
-                CL.contrastive_loss(va[:M], ta[:M], va, ta, temp, 0, backend=provider).backward()
+            def run(backend=backend, M=M, va=va, ta=ta, temp=temp):
+                CL.contrastive_loss(va[:M], ta[:M], va, ta, temp, 0, backend=backend).backward()
 
             try:
-                ms = bench(run, [va, ta, temp])
+                with column_split(plan["column_split"] if provider == "triton_split" else 1):
+                    ms = bench(run, [va, ta, temp])
             except Exception as e:
                 rep.add("speed", case, "FAIL", f"{type(e).__name__}: {e}"[:300])
                 continue
@@ -575,7 +596,7 @@ FULL = {
     "contrastive_speed": [(16, 256), (4096, 32768), (16384, 16384)],
     "dali_size": (400, 224), "dali_clips": 32,
     "train_preset": "alpro-base", "train_size": 224, "train_steps": 30, "train_batch": 16,
-    "numerics_budget_s": 200.0,
+    "numerics_budget_s": 200.0, "column_split": "auto",
 }  # fmt: skip
 SMOKE = {
     "attention_shapes": [(1, 2), (2, 3)],
@@ -586,7 +607,7 @@ SMOKE = {
     "contrastive_speed": [(8, 24)],
     "dali_size": (96, 64), "dali_clips": 4,
     "train_preset": "alpro-base", "train_size": 224, "train_steps": 30, "train_batch": 16,
-    "numerics_budget_s": 120.0,
+    "numerics_budget_s": 120.0, "column_split": 3,
 }  # fmt: skip
 
 

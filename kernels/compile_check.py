@@ -92,11 +92,18 @@ def _capture_attention(dtype: torch.dtype, head_dim: int) -> None:
 
 
 def _capture_contrastive(dtype: torch.dtype) -> None:
+    """One column split (the default) and four (the opt-in split: other strides, so other specialisations)."""
     M, N, D = (CONTRASTIVE_SHAPE[k] for k in ("M", "N", "D"))
     x, y = _meta_tensor(M, D, dtype=dtype), _meta_tensor(N, D, dtype=dtype)
     scale = _meta_tensor(dtype=torch.float32)
-    lse = ctr.lse_forward(x, y, scale)
-    ctr.lse_backward(torch.empty_like(lse), x, y, scale, lse)
+    previous = ctr.get_column_split()
+    try:
+        for splits in (1, 4):
+            ctr.set_column_split(splits)
+            lse = ctr.lse_forward(x, y, scale)
+            ctr.lse_backward(torch.empty_like(lse), x, y, scale, lse)
+    finally:
+        ctr.set_column_split(previous)
 
 
 def _cases() -> list[tuple[str, torch.dtype, bool, object]]:

@@ -49,10 +49,16 @@ MAX_DIM = 256
 @triton.jit
 def _lse_fwd_kernel(
     X, Y, SCALE, LSE,
-    M, N, stride_x, stride_y,
+    M, N, stride_x, stride_y, cols_per_split, stride_lse_split,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Row block x column split: the log-sum-exp of its rows over columns [split * cols_per_split, +cols_per_split)
+    (one split: all columns, the final value; several: partial values the launcher combines)."""
+    split = tl.program_id(1)
+    col_start = split.to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, N)
+    LSE += split.to(tl.int64) * stride_lse_split
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < D)[None, :]
@@ -62,12 +68,13 @@ def _lse_fwd_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(col_start, col_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-        y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=(offs_n < N)[:, None] & d_ok, other=0.0)
+        n_ok = offs_n < col_end
+        y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
         s = tl.dot(x, tl.trans(y.to(MM_DTYPE)), input_precision=PRECISION) * scale2
-        s = tl.where((offs_n < N)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite after the first tile (N >= 1)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite after the first tile (every split has >= 1 column)
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
     tl.store(LSE + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=offs_m < M)
@@ -76,11 +83,17 @@ def _lse_fwd_kernel(
 @triton.jit
 def _lse_bwd_dx_kernel(
     X, Y, SCALE, LSE, DLSE, DX, DSCALE_ROWS,
-    M, N, stride_x, stride_y, stride_dx,
+    M, N, stride_x, stride_y, stride_dx, cols_per_split, stride_dx_split, stride_ds_split,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dx for a row block, and per-row terms of dscale (summed by the launcher)."""
+    """dx for a row block over a column split, and per-row terms of dscale (both summed over splits by the
+    launcher, in a fixed order)."""
+    split = tl.program_id(1)
+    col_start = split.to(tl.int64) * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, N)
+    DX += split.to(tl.int64) * stride_dx_split
+    DSCALE_ROWS += split.to(tl.int64) * stride_ds_split
     offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = (offs_d < D)[None, :]
@@ -93,13 +106,14 @@ def _lse_bwd_dx_kernel(
 
     dx = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     dscale = tl.zeros([BLOCK_M], ACC_DTYPE)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(col_start, col_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-        y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=(offs_n < N)[:, None] & d_ok, other=0.0)
+        n_ok = offs_n < col_end
+        y = tl.load(Y + offs_n[:, None] * stride_y + offs_d[None, :], mask=n_ok[:, None] & d_ok, other=0.0)
         y = y.to(MM_DTYPE)
         s = tl.dot(x, tl.trans(y), input_precision=PRECISION)  # raw x . y
         p = tl.exp2(s * (scale * LOG2E) - lse2[:, None]) * g[:, None]
-        p = tl.where((offs_n < N)[None, :], p, 0.0)
+        p = tl.where(n_ok[None, :], p, 0.0)
         dx += tl.dot(p.to(MM_DTYPE), y, input_precision=PRECISION)
         dscale += tl.sum(p * s, 1)
     tl.store(DX + offs_m[:, None] * stride_dx + offs_d[None, :], (dx * scale).to(DX.dtype.element_ty),
@@ -239,17 +253,52 @@ def _meta(x: torch.Tensor) -> dict:
             "ACC_DTYPE": tl_dtype(accumulator_dtype(x.dtype)), "PRECISION": dot_precision(mm)}  # fmt: skip
 
 
+# Column split of the forward and dx kernels (row blocks x column splits, partial results combined by the launcher
+# in a fixed order). One program per row block leaves a GPU idle at ALPRO's local batch (16 rows: 1 program against
+# 256 ... 32,768 gathered columns), so splitting the columns multiplies the programs. Default 1 (the simpler
+# kernel, one pass, no partial buffers) until a GPU measures the split (gpu_check times both); "auto" aims at two
+# programs per SM with >= MIN_COLS_PER_SPLIT columns each; an int fixes the number of splits.
+_COLUMN_SPLIT: int | str = 1
+MIN_COLS_PER_SPLIT = 512
+
+
+def set_column_split(splits: int | str) -> None:
+    """1 (default), an int > 1, or "auto". See the comment above."""
+    global _COLUMN_SPLIT
+    if splits != "auto" and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"column split must be a positive int or 'auto', got {splits!r}")
+    _COLUMN_SPLIT = splits
+
+
+def get_column_split() -> int | str:
+    return _COLUMN_SPLIT
+
+
+def column_splits(M: int, N: int, device: torch.device) -> int:
+    """How many column splits the forward and dx kernels use for (M, D) rows against (N, D) columns."""
+    if _COLUMN_SPLIT != "auto":
+        return max(1, min(int(_COLUMN_SPLIT), N))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    row_programs = triton.cdiv(M, 64)
+    return max(1, min(triton.cdiv(2 * sms, row_programs), N // MIN_COLS_PER_SPLIT))
+
+
 def lse_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     x, y, scale = _prepare(x, y, scale)
     M, N = x.shape[0], y.shape[0]
-    lse = torch.empty(M, device=x.device, dtype=accumulator_dtype(x.dtype))
+    splits = column_splits(M, N, x.device)
+    per_split = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, per_split)  # no empty split
+    # One split writes the final (M,) values; several write (splits, M) partial log-sum-exps combined below.
+    lse = torch.empty(*((splits,) if splits > 1 else ()), M, device=x.device, dtype=accumulator_dtype(x.dtype))
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+        return triton.cdiv(M, meta["BLOCK_M"]), splits
 
     with device_guard(x):
-        _launch("lse_fwd", grid, (x, y, scale, lse, M, N, x.stride(0), y.stride(0)), _meta(x), x)
-    return lse
+        _launch("lse_fwd", grid, (x, y, scale, lse, M, N, x.stride(0), y.stride(0), per_split,
+                                  lse.stride(0) if splits > 1 else 0), _meta(x), x)  # fmt: skip
+    return lse if splits == 1 else torch.logsumexp(lse, dim=0)
 
 
 def lse_backward(
@@ -257,23 +306,33 @@ def lse_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x_dtype, y_dtype, scale_dtype = x.dtype, y.dtype, scale.dtype
     x, y, scale32 = _prepare(x, y, scale)
-    dlse = dlse.to(accumulator_dtype(x.dtype)).contiguous()
+    acc = accumulator_dtype(x.dtype)
+    dlse = dlse.to(acc).contiguous()
     M, N = x.shape[0], y.shape[0]
-    dx, dy = torch.empty_like(x), torch.empty_like(y)
-    dscale_rows = torch.empty(M, device=x.device, dtype=accumulator_dtype(x.dtype))
+    splits = column_splits(M, N, x.device)
+    per_split = triton.cdiv(N, splits)
+    splits = triton.cdiv(N, per_split)
+    # One split writes dx in the input dtype; several write fp32 partials summed below (fixed order).
+    dx = torch.empty_like(x) if splits == 1 else torch.empty(splits, M, x.shape[1], device=x.device, dtype=acc)
+    dy = torch.empty_like(y)
+    dscale_rows = torch.empty(splits, M, device=x.device, dtype=acc)
     meta = _meta(x)
+    dx_split_stride = 0 if splits == 1 else dx.stride(0)
 
     def grid_m(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+        return triton.cdiv(M, meta["BLOCK_M"]), splits
 
     def grid_n(meta):
         return (triton.cdiv(N, meta["BLOCK_N"]),)
 
     with device_guard(x):
         _launch("lse_bwd_dx", grid_m,
-                (x, y, scale32, lse, dlse, dx, dscale_rows, M, N, x.stride(0), y.stride(0), dx.stride(0)), meta, x)  # fmt: skip
+                (x, y, scale32, lse, dlse, dx, dscale_rows, M, N, x.stride(0), y.stride(0), dx.stride(-2), per_split,
+                 dx_split_stride, dscale_rows.stride(0)), meta, x)  # fmt: skip
         _launch("lse_bwd_dy", grid_n,
                 (x, y, scale32, lse, dlse, dy, M, N, x.stride(0), y.stride(0), dy.stride(0)), meta, x)  # fmt: skip
+    if splits > 1:
+        dx = dx.sum(0).to(x.dtype)
     dscale = dscale_rows.sum().to(scale_dtype).reshape(scale.shape)
     return dx.to(x_dtype), dy.to(y_dtype), dscale
 

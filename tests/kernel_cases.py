@@ -126,8 +126,9 @@ def _contrastive(backend: str, va, ta, temp, B: int, offset: int):
     return loss.detach(), va.grad, ta.grad, temp.grad
 
 
-def contrastive_numerics(B: int, W: int, D: int, dtype: str, rank: int = 0, seed: int = 0) -> dict:
-    """Triton (interpreted) vs fp64 reference: loss and gradients of the gathered features and temp.
+def contrastive_numerics(B: int, W: int, D: int, dtype: str, rank: int = 0, seed: int = 0, splits: int = 1) -> dict:
+    """Triton (interpreted) vs fp64 reference: loss and gradients of the gathered features and temp; ``splits``
+    column splits in the forward and dx kernels (partials combined by the launcher).
 
     Local rows are the ``rank``-th block of the gathered ``(B*W, D)`` features, as after all_gather_with_grad,
     so the gradients of the leaves include both the local-row and the gathered-column paths.
@@ -139,8 +140,14 @@ def contrastive_numerics(B: int, W: int, D: int, dtype: str, rank: int = 0, seed
     temp = torch.tensor(0.05)
     offset = rank * B
 
+    from alpro.kernels import contrastive_triton
+
     t0 = time.perf_counter()
-    kern = _contrastive("triton", va, ta, temp, B, offset)
+    contrastive_triton.set_column_split(splits)
+    try:
+        kern = _contrastive("triton", va, ta, temp, B, offset)
+    finally:
+        contrastive_triton.set_column_split(1)
     seconds = time.perf_counter() - t0
     ref = _contrastive("reference", va.double(), ta.double(), temp.double(), B, offset)
     same = _contrastive("reference", va, ta, temp, B, offset)

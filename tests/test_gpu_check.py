@@ -31,7 +31,7 @@ def test_smoke_mode_passes_and_writes_its_results(smoke):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     rows = report["rows"]
-    assert report["environment"]["mode"] == "smoke" and report["environment"]["seconds"] < 60
+    assert report["environment"]["mode"] == "smoke"  # ~17 s on an idle 2-core machine; not asserted (shared CPUs)
     assert not [r for r in rows if r["status"] == "FAIL"]
     with open(out / "gpu_check.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
@@ -47,6 +47,8 @@ def test_smoke_covers_every_kernel_dtype_and_shipped_config(smoke):
     for dtype in ("bf16", "fp16", "fp32"):
         for op in ("temporal ", "spatial det=0", "spatial det=1", "contrastive"):
             assert any(r["case"].startswith(op) and f" {dtype} " in r["case"] for r in numerics), (op, dtype)
+        assert any(r["case"].startswith("contrastive") and f" {dtype} " in r["case"] and "column split 3" in r["case"]
+                   for r in numerics), dtype  # fmt: skip
     forced = {r["case"].rsplit(" ", 1)[1] for r in numerics if "=BLOCK_M=" in r["case"]}
     from alpro.kernels import attention_triton as att
     from alpro.kernels import contrastive_triton as ctr
@@ -63,7 +65,7 @@ def test_smoke_speed_dali_and_train_rows(smoke):
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]
     speed = [r for r in rows if r["section"] == "speed"]
     providers = {r["provider"] for r in speed if r["status"] == "PASS"}
-    assert {"naive", "sdpa_raw", "sdpa", "triton", "triton_det", "reference", "chunked"} <= providers
+    assert {"naive", "sdpa_raw", "sdpa", "triton", "triton_det", "reference", "chunked", "triton_split"} <= providers
     assert all(r["ms_p50"] > 0 for r in speed if r["status"] == "PASS")
     (dali,) = [r for r in rows if r["section"] == "dali"]
     assert dali["status"] == "PASS" and dali["psnr_luma_db"] >= 40 and dali["clips"] == 4

@@ -112,6 +112,15 @@ def test_contrastive_matches_reference(interp, B, W, D, dtype, rank):
     assert_fa_rule(res["errors"], dtype)
 
 
+@pytest.mark.parametrize("splits,dtype", [(3, "fp32"), (4, "bf16"), (7, "fp16")])
+def test_contrastive_column_split_matches_reference(interp, splits, dtype):
+    """The opt-in column split (row blocks x column splits, partial log-sum-exps and dx summed in a fixed order):
+    local 20 rows against 100 gathered columns, so the splits end inside column tiles."""
+    res = interp.run("contrastive_numerics", B=20, W=5, D=64, dtype=dtype, rank=2, splits=splits)
+    assert res["loss_dtype"] == "torch.float32"
+    assert_fa_rule(res["errors"], dtype)
+
+
 def test_contrastive_gradcheck_fp64(interp):
     op_ok, loss_ok = interp.run("contrastive_gradcheck")
     assert op_ok and loss_ok
