@@ -490,3 +490,19 @@ def test_alpro_train_with_a_failing_pipe_source_stops_with_one_line(tiny_shards,
     assert "cat /nonexistent/shard-00000" in lines[0] and "exit status 1" in lines[0]
     assert "No such file or directory" in lines[0] and "Traceback" not in proc.stderr
     assert time.monotonic() - t0 < 240
+
+
+def test_stream_reader_local_compressed_and_closed_early(tmp_path, clips):
+    """The streaming reader on a local tar, gzip / zstd through pipe:, and a consumer that stops early (the
+    command is killed, no error, no zombie)."""
+    tar = write_shards(tmp_path / "set", _good(clips, 3), per_shard=3) / "shard-000000.tar"
+    (tmp_path / "s.tar.gz").write_bytes(zlib.compress(tar.read_bytes(), wbits=31))
+    (tmp_path / "s.tar.zst").write_bytes(zstandard.ZstdCompressor().compress(tar.read_bytes()))
+    errors: list = []
+    for url in (str(tar), f"pipe:cat {tmp_path / 's.tar.gz'}", f"pipe:cat {tmp_path / 's.tar.zst'}"):
+        assert [k for k, _ in stream_samples(url, errors.append)] == ["good0", "good1", "good2"]
+        first = stream_samples(url, errors.append)
+        key, members = next(first)
+        assert key == "good0" and set(members) == {"json", "txt", "vinfo", "mp4"}
+        first.close()
+    assert errors == []

@@ -469,7 +469,7 @@ def _open_stream(url: str):
             f = fsspec.open(url, "rb").open()
         else:
             f = open(url, "rb")  # noqa: SIM115 -- closed by finish()
-        return f, f.close
+        return f, lambda kill=False: f.close()
     err = tempfile.TemporaryFile()
     proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=err,
                             stdin=subprocess.DEVNULL)
