@@ -471,6 +471,9 @@ def test_contact_sheet_with_hits_missing_from_the_shards(tmp_path, clips, capsys
     with pytest.raises(AlproError, match="none of the hits") as err:
         contact_sheet(hits[1:], index, tmp_path / "none.png")
     assert "\n" not in str(err.value) and not (tmp_path / "none.png").exists()
+    (index / "index.safetensors").write_bytes(b"not safetensors")  # a damaged index: one line too
+    with pytest.raises(AlproError, match="damaged index"):
+        contact_sheet(hits, index, tmp_path / "damaged.png")
 
 
 @pytest.mark.slow

@@ -85,12 +85,22 @@ def build_index(shards: str, run: Path, out: Path, batch_size: int = 32, tokens:
 
 
 def _read_index(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not (path / "index.safetensors").is_file() or not (path / "meta.json").is_file():
         raise AlproError(f"{path}: not an index directory (run `alpro index` first)")
-    return (load_file(str(path / "index.safetensors")), json.loads((path / "keys.json").read_text()),
-            json.loads((path / "meta.json").read_text()))
+    try:
+        tensors = load_file(str(path / "index.safetensors"))
+        keys, meta = json.loads((path / "keys.json").read_text()), json.loads((path / "meta.json").read_text())
+        if not isinstance(meta, dict) or not isinstance(keys, dict):
+            raise ValueError("keys.json / meta.json is not a JSON object")
+        if len(keys.get("keys", [])) != len(tensors.get("video_feat", [])):
+            raise ValueError(f"keys.json lists {len(keys.get('keys', []))} clips, index.safetensors holds "
+                             f"{len(tensors.get('video_feat', []))}")
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise AlproError(f"{path}: damaged index ({e})") from None
+    return tensors, keys, meta
 
 
 # ------------------------------------------------------------------------------------------------- search
