@@ -509,3 +509,15 @@ def test_stream_reader_local_compressed_and_closed_early(tmp_path, clips):
         assert key == "good0" and set(members) == {"json", "txt", "vinfo", "mp4"}
         first.close()
     assert errors == []
+
+
+def test_docs_skip_reason_table_matches_the_code():
+    """Every reason the loader can count is in docs/loader.md's Bad data table, and the table holds no other."""
+    import re
+
+    code = "".join(p.read_text() for p in (REPO / "alpro" / "data").glob("*.py"))
+    reasons = set(re.findall(r'SampleError\("([a-z_]+)"', code)) | set(re.findall(r'skips\["([a-z_]+)"\]', code))
+    doc = (REPO / "docs" / "loader.md").read_text()
+    table = doc[doc.index("| `skipped/<reason>` | cause |"):doc.index("## Untrusted shards")]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M))
+    assert reasons == documented
