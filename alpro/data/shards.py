@@ -379,9 +379,15 @@ def _check_size(name: str, ext: str, size: int, limits: LimitsConfig) -> None:
 def parse_sample(buf: bytes, limits: LimitsConfig | None = None) -> tuple[str, dict[str, bytes]]:
     """A sample's byte range -> (key, {ext: bytes}). Raises SampleError for a truncated or mixed-key range, or
     a member over its size cap."""
-    limits = limits or LimitsConfig()
+    listing = list(_iter_members(lambda a, b: buf[a:b], len(buf)))
+    return _sample_members(buf, listing, limits or LimitsConfig())
+
+
+def _sample_members(buf: bytes, listing: list[tuple[str, int, int]],
+                    limits: LimitsConfig) -> tuple[str, dict[str, bytes]]:
+    """(key, {ext: bytes}) from a sample's bytes and its member listing (name, data offset, size)."""
     key, members = None, {}
-    for name, data, size in _iter_members(lambda a, b: buf[a:b], len(buf)):
+    for name, data, size in listing:
         parts = split_name(name)
         if parts is not None:
             _check_size(name, parts[1], size, limits)
@@ -691,14 +697,17 @@ class Reader:
             b = min(b, size)
             return head[a:b] if b <= len(head) else self.read(url, offset + a, b - a)
 
-        for name, _, length in _iter_members(get, size):
+        listing = []
+        for name, data, length in _iter_members(get, size):
             parts = split_name(name)
             if parts is not None:
                 _check_size(name, parts[1], length, self.limits)
+            listing.append((name, data, length))
         if size > self.limits.sample_bytes:
             raise SampleError("too_large", f"{url}@{offset}: sample of {size} bytes, over the "
                               f"{self.limits.sample_bytes}-byte bound of one media member and four small ones")
-        key, members = parse_sample(head if size <= len(head) else self.read(url, offset, size), self.limits)
+        buf = head if size <= len(head) else self.read(url, offset, size)
+        key, members = _sample_members(buf, listing, self.limits)
         expected = shard.keys[j].decode()
         if key != expected:
             raise SampleError("bad_tar", f"{shard.url}@{shard.offsets[j]}: found sample {key}, index says {expected}")
