@@ -44,6 +44,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 MEDIA_VIDEO, MEDIA_IMAGE, MEDIA_UNKNOWN = 0, 1, 2
 _BLOCK = 512
 _MAX_RECORD = 1 << 16  # a GNU long name or PAX header record; real ones are a few hundred bytes
+_META_RE = re.compile(r"__[^/]*__($|/)")
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's rule: key = path up to the first dot
 
 
@@ -523,7 +524,7 @@ def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list
             with tarfile.open(fileobj=_decompressed(f), mode="r|", bufsize=1 << 16) as tar:
                 for info in tar:
                     parts = split_name(info.name) if info.isreg() else None
-                    if parts is None or os.path.basename(parts[0]).startswith("__"):
+                    if parts is None or _META_RE.match(info.name):  # webdataset's __meta__ members
                         continue
                     if parts[0] != key:
                         out = flush()
