@@ -501,7 +501,7 @@ def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list
 
     An event is a delivered sample or a reported bad one; ``done[0]`` counts them so that a retry resumes
     after the last one. Members over their cap are skipped from their header size (tarfile's stream mode
-    reads past them in small blocks); ``.tar.gz`` / ``.tar.bz2`` / ``.tar.xz`` are decompressed on the fly."""
+    reads past them in small blocks); compressed tars are decompressed on the fly (:func:`_decompressed`)."""
     f, finish = _open_stream(url)
     finished = False
     try:
@@ -545,8 +545,8 @@ def _stream_once(url: str, on_error, limits: LimitsConfig, skip: int, done: list
                 # tarfile's stream mode ends quietly at a cut header or a cut member it skipped: the end of
                 # archive is only proven by a whole (zero) block read where the next header should be.
                 if tar.fileobj.pos < tar.offset + tarfile.BLOCKSIZE:
-                    raise EOFError(f"the tar ends at byte {tar.fileobj.pos}, inside the member or header that "
-                                   f"starts at {tar.offset if tar.fileobj.pos >= tar.offset else 'an earlier byte'}")
+                    raise EOFError(f"the tar stream ends at byte {tar.fileobj.pos}, before its end-of-archive "
+                                   "block (inside a member or a header)")
         except (tarfile.ReadError, EOFError, OSError, lzma.LZMAError, zstandard.ZstdError) as e:
             # The stream ends inside a member (a cut shard) or is not a tar at all: the sample being read is
             # lost, the complete ones before it were delivered. A failed command is reported by finish().
