@@ -116,8 +116,8 @@ def _expand(spec: str) -> list[str]:
 
 
 # zstd JSON of an index: a sample costs 40-100 bytes of JSON (key, offset, size, media, frame count), which
-# compresses 3-6x (measured on the sharder's indexes); 64x plus a 64 MiB floor leaves a wide margin for real indexes while a bomb (a 32 KB file
-# declaring 1 GiB) is refused before anything is allocated.
+# compresses 3-6x (measured on the sharder's indexes); 64x plus a 64 MiB floor leaves a wide margin for real
+# indexes while a bomb (a 32 KB file declaring 1 GiB) is refused before anything is allocated.
 INDEX_MIN_LIMIT = 64 << 20
 INDEX_RATIO_LIMIT = 64
 
