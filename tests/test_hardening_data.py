@@ -356,7 +356,8 @@ def test_image_pixel_cap_is_checked_from_the_header(tmp_path, clips, tok):
     # Through the loader: an image set with the bomb among good images; it is skipped and counted.
     (tmp_path / "bomb.png").write_bytes(bomb)
     images = [mf.make_image(tmp_path / f"i{i}.jpg", seed=i) for i in range(3)]
-    samples = [{"key": f"img{i}", "path": p, "media": "image", "captions": [f"image {i}"]} for i, p in enumerate(images)]
+    samples = [{"key": f"img{i}", "path": p, "media": "image", "captions": [f"image {i}"]}
+               for i, p in enumerate(images)]
     samples.insert(1, {"key": "bomb", "path": tmp_path / "bomb.png", "media": "image", "captions": ["bomb"]})
     image_set = write_shards(tmp_path / "img", samples, per_shard=2)
     video_set = write_shards(tmp_path / "vid", _good(clips), per_shard=2)

@@ -126,7 +126,8 @@ class LimitsConfig:
     image_pixels: int = 7680 * 4320
     """Largest image (width x height, read from the image header before decoding): 33.2 Mpx (8K UHD), the
     sharder's own source cap (``alpro shard --max-pixels``), so every image it accepts is accepted here and a
-    foreign one costs at most ~0.3 GB while decoded (Pillow's image, the RGB array, its copy). A training image ends up as a 224 px crop."""
+    foreign one costs at most ~0.3 GB while decoded (Pillow's image, the RGB array, its copy). A training image
+    ends up as a 224 px crop."""
 
     def __post_init__(self) -> None:
         if min(self.video_bytes, self.image_bytes, self.other_bytes, self.image_pixels) < 1:
