@@ -122,7 +122,8 @@ class LimitsConfig:
     image_bytes: int = 64 << 20
     """Largest image member (jpg, png, webp, ...): 64 MiB, far above any photo a training set holds."""
     other_bytes: int = 16 << 20
-    """Largest member of any other kind (json, txt, vinfo, ...): 16 MiB; the sharder's are under 4 KB."""
+    """Largest member of any other kind (json, txt, vinfo, ...): 16 MiB; the sharder's are a few KB (a long
+    clip's keyframe list is the largest part: 3,000 keyframes are ~20 KB)."""
     image_pixels: int = 7680 * 4320
     """Largest image (width x height, read from the image header before decoding): 33.2 Mpx (8K UHD), the
     sharder's own source cap (``alpro shard --max-pixels``), so every image it accepts is accepted here and a
