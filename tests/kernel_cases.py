@@ -242,6 +242,33 @@ def captured_configs(arch: int, deterministic: bool) -> dict[str, list[str]]:
     return result
 
 
+def tf32_launches(arch: int) -> dict:
+    """fp32 launches with the TF32 switch on and off: the PRECISION each kernel gets and the configs it may use."""
+    from alpro.kernels import attention_triton as att
+    from alpro.kernels import triton_support as ts
+
+    before = ts.tf32_enabled(), torch.backends.cudnn.allow_tf32
+    out = {}
+    try:
+        for tf32 in (True, False):
+            ts.set_tf32(tf32)
+            qkv = torch.empty(2, 1 + 196 * 4, 3 * 768, device="meta", dtype=torch.float32)
+            with ts.capture_launches(arch) as launches:
+                att.spatial_forward(qkv, 4, 12, 0.125)
+            (launch,) = launches
+            out["tf32" if tf32 else "ieee"] = {
+                "precision": launch.meta["PRECISION"],
+                "configs": [ts.describe_config(c) for c in launch.configs],
+                "table": [ts.describe_config(c) for c in att.SPATIAL_FWD_CONFIGS[arch]["wide" if tf32 else "ieee"]],
+            }
+            qkv_t = torch.empty(1, 196 * 32, 3 * 768, device="meta", dtype=torch.float32)
+            with ts.capture_launches(arch):  # meta tensors count as launchable only while capturing
+                out["tf32" if tf32 else "ieee"]["T32"] = att.check(qkv_t, 32, 12, "temporal_attention")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    return out
+
+
 def grids(B: int, T: int, N: int, H: int) -> dict:
     """Launch grids of both passes at the smallest tiles (the most programs)."""
     from alpro.kernels import attention_triton as att

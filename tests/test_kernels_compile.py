@@ -77,6 +77,17 @@ def test_deterministic_pins_one_config_per_launch(compiler, arch):
     assert has_64x64 == (arch == 90)  # the all-wgmma 64 x 64 dK/dV compiles without spills only on sm_90
 
 
+def test_fp32_launches_follow_the_tf32_switch(compiler):
+    """TF32 on: fp32 dots get input_precision "tf32" and the wide lists; off: IEEE, the small "ieee" tiles (every
+    wide tile spills there), and temporal T = 32 is refused (IEEE backward tiles hold at most 16 rows)."""
+    res = compiler.run("tf32_launches", arch=90)
+    assert res["tf32"]["precision"] == "tf32" and res["tf32"]["configs"] == res["tf32"]["table"]
+    assert res["ieee"]["precision"] == "ieee" and res["ieee"]["configs"] == res["ieee"]["table"]
+    assert res["tf32"]["configs"] != res["ieee"]["configs"]
+    assert res["tf32"]["T32"] is None
+    assert "T <= 16" in res["ieee"]["T32"] and "TF32 switch off" in res["ieee"]["T32"]
+
+
 def test_grids_stay_within_cuda_limits(compiler):
     """1M clips x 16 frames x 197 tokens x 12 heads: groups x tiles on axis 0 (< 2**31), heads on axis 1."""
     grids = compiler.run("grids", B=1 << 20, T=16, N=196, H=12)
