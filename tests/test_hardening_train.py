@@ -186,6 +186,26 @@ def test_auto_skips_damaged_checkpoints_and_an_explicit_damaged_path_is_one_line
         newest_intact(ckpts, [])
 
 
+def test_truncate_metrics_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    """Item 17 in the small: the length recorded at the save wins; checkpoints from before it drop later steps."""
+    from alpro.train.metrics import MetricLogger, read_metrics, truncate_metrics
+
+    log = MetricLogger(tmp_path, enabled=True, tensorboard=False)
+    for step in (1, 2):
+        log.log(step, {"train/loss": float(step)}, kind="train")
+    at_save = log.tell()
+    log.log(2, {"val/r1": 1.0}, kind="eval")  # after the save of step 2 (the final evaluation)
+    log.log(3, {"train/loss": 3.0}, kind="train")
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    truncate_metrics(path, {"step": 2, "metrics_bytes": at_save})
+    assert [(r["step"], r["kind"]) for r in read_metrics(path)] == [(1, "train"), (2, "train")]
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": 3, "kind": "train"}) + "\n")
+    truncate_metrics(path, {"step": 2})  # no recorded length: rows past the step go
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
 # --------------------------------------------------------------------------------- 16: config values
 
 

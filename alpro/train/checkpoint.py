@@ -8,7 +8,8 @@ Layout of a run directory's ``checkpoints/``::
       rank_00000.json ...              # per-rank RNG states (python, numpy, torch) and loader state
       config.yaml                      # the resolved run config
       manifest.json                    # size and sha256 of every file above (written last)
-    latest                             # text file: the newest complete tag
+    latest                             # text file: the newest complete tag (for people and tools; resume
+                                       # takes the highest intact step-* directory)
     .tmp-step-00000400/                # a save in progress (or killed mid-save): ignored and cleaned up
 
 A save writes everything under ``.tmp-<tag>``, then rank 0 writes ``manifest.json`` (atomically, last), renames
@@ -30,7 +31,6 @@ import errno
 import hashlib
 import importlib
 import json
-import logging
 import os
 import pickle
 import random
@@ -47,7 +47,6 @@ import torch
 from alpro.dist import barrier, get_rank
 from alpro.errors import AlproError
 
-LOG = logging.getLogger("alpro")
 TAG_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 
@@ -249,17 +248,6 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 def is_complete(ckpt: Path) -> bool:
     """Renamed from its temporary name: has a manifest (or, saved before manifests, a trainer state)."""
     return (ckpt / MANIFEST).is_file() or (ckpt / "trainer_state.json").is_file()
-
-
-def find_latest(ckpt_dir: Path) -> Path | None:
-    """The newest complete checkpoint (``latest`` pointer if valid, else the highest step directory); unverified."""
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if TAG_RE.match(tag) and is_complete(ckpt_dir / tag):
-            return ckpt_dir / tag
-    complete = [p for p in list_checkpoints(ckpt_dir) if is_complete(p)]
-    return complete[-1] if complete else None
 
 
 def newest_intact(ckpt_dir: Path, warnings: list[str]) -> Path | None:
