@@ -351,14 +351,13 @@ def _train(run: Path, shards, *extra: str, env: dict | None = None, check: bool 
     return proc
 
 
-TIMING = ("time", "throughput/", "memory/", "data/clips_per_s", "data/wait", "data/decode")
+TIMING = ("time", "throughput/", "memory/", "data/clips_per_s", "data/wait_s", "data/decode_s_per_clip")
 
 
 def _rows(run: Path) -> list[dict]:
     """metrics.jsonl rows without wall-clock fields (time, throughput, memory, loader timings)."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING) and "_s" not in k.split("/")[-1]}
-            for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
 
 
 EXTRA = ("--train.steps", "8", "--train.save_interval", "2", "--train.log_interval", "1", "--train.keep_last", "4")

@@ -194,7 +194,9 @@ def zero_grad_steps(engine, steps: int) -> None:
     step count starts at ``steps``, which scales the bias correction of the first real updates.
 
     Runs on the innermost torch AdamW (DeepSpeed's fp32 master partitions under ZeRO) with weight decay off; the
-    decay of those steps is :func:`decay_before_zero_grad_steps`."""
+    decay of those steps is :func:`decay_before_zero_grad_steps`. One parameter at a time in its own group, as
+    ZeRO-3 does (its AdamW's groups are empty between steps: each sub-group's flat fp32 partition is swapped in
+    around ``step()``); AdamW is element-wise, so this equals one step over all of them."""
     if steps <= 0:
         return
     opt = engine.optimizer
@@ -202,15 +204,23 @@ def zero_grad_steps(engine, steps: int) -> None:
         opt = opt.optimizer
     if not isinstance(opt, torch.optim.Optimizer):
         raise RuntimeError(f"no torch optimizer inside {type(engine.optimizer).__name__}")
-    params = [p for g in opt.param_groups for p in g["params"]]
-    decays = [g["weight_decay"] for g in opt.param_groups]
-    for group in opt.param_groups:
-        group["weight_decay"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    for _ in range(steps):
-        opt.step()
-    for p in params:
-        p.grad = None
-    for group, wd in zip(opt.param_groups, decays):
-        group["weight_decay"] = wd
+    zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if zero3_flat is not None:
+        group_of = engine.optimizer.sub_group_to_group_id
+        pairs = [(group_of[i], p) for i, p in enumerate(zero3_flat)]
+    else:
+        pairs = [(gi, p) for gi, g in enumerate(opt.param_groups) for p in g["params"]]
+    saved = [(g["params"], g["weight_decay"]) for g in opt.param_groups]
+    try:
+        for group in opt.param_groups:
+            group["weight_decay"] = 0.0
+        for gi, p in pairs:
+            for j, group in enumerate(opt.param_groups):
+                group["params"] = [p] if j == gi else []
+            p.grad = torch.zeros_like(p)
+            for _ in range(steps):
+                opt.step()
+            p.grad = None
+    finally:
+        for group, (params, wd) in zip(opt.param_groups, saved):
+            group["params"], group["weight_decay"] = params, wd
