@@ -154,6 +154,11 @@ def test_manifest_detects_cut_and_altered_files(tmp_path):
     (ckpt / "rank_00000.json").write_text(text.replace('"step": 2', '"step": 9'))  # same size, other bytes
     with pytest.raises(DamagedCheckpoint, match="rank_00000.json: sha256 differs"):
         verify_checkpoint(ckpt)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"]["../../../etc/hostname"] = {"size": 1, "sha256": "0"}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match="outside the checkpoint directory"):
+        verify_checkpoint(ckpt)
 
 
 def test_checkpoints_without_manifest_are_checked_by_parsing(tmp_path):

@@ -216,6 +216,9 @@ def verify_checkpoint(ckpt: Path) -> None:
             entries = [(ckpt / name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise DamagedCheckpoint(f"{manifest}: unreadable manifest ({_first_line(e)})") from None
+        outside = [name for name in files if Path(name).is_absolute() or ".." in Path(name).parts]
+        if outside:  # a manifest names files of its own directory only
+            raise DamagedCheckpoint(f"{manifest}: lists {outside[0]!r}, outside the checkpoint directory")
         for path, size, _ in entries:
             if not path.is_file():
                 raise DamagedCheckpoint(f"{path}: missing (listed in {MANIFEST})")
