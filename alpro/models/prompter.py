@@ -80,7 +80,8 @@ class Prompter(ALPRO):
                                  "entities) after loading the prompter")
             self._prompts_checked = True
         prompts = self.video_prompt_feat if media == "video" else self.image_prompt_feat
-        sim = (self.video_feat(self.encode_video(crop_video)) @ prompts.t() / self.temp).float()  # (B, entities)
+        # fp32 similarities: under bf16 training the features are bf16 while the prompt buffers stay fp32
+        sim = self.video_feat(self.encode_video(crop_video)).float() @ prompts.float().t() / self.temp.float()
         soft = sim.softmax(dim=1)
         rule, threshold = self.cfg.loss.pem_discard, self.cfg.loss.pem_threshold
         if rule == "max_prob":  # the paper: the most likely entity is below the threshold
