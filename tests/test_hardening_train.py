@@ -128,6 +128,24 @@ def test_resume_path_with_a_hostile_pickle_is_refused_before_loading(tmp_path):
     assert not marker.exists()
 
 
+def test_deepspeeds_own_weights_only_false_loads_are_restricted(tmp_path):
+    """Second layer: inside restricted_unpickling even ``torch.load(..., weights_only=False)`` -- what DeepSpeed's
+    checkpoint engine and zero_to_fp32 call -- uses the weights-only unpickler; outside, the env is as it was."""
+    import pickle
+
+    from alpro.train.checkpoint import restricted_unpickling
+
+    marker = tmp_path / "PWNED"
+    ckpt = _hostile(tmp_path / "run", marker)
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    with restricted_unpickling():
+        with pytest.raises(pickle.UnpicklingError, match="posix.system"):
+            torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        sd = torch.load(ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    assert not marker.exists() and os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") == before
+    assert type(sd["optimizer_state_dict"]["loss_scaler"]).__name__ == "LossScaler"
+
+
 @pytest.mark.slow
 def test_train_resume_refuses_a_checkpoint_that_runs_code(tiny_shards, tmp_path):
     """The real trainer (``--train.resume DIR`` on a crafted checkpoint): one line, and the command never ran."""
