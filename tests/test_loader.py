@@ -133,6 +133,47 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(corpus, tok, workers_
         build_train_loader(make_cfg(corpus, batch_size=1), "pretrain", tok, 0, 1, seed=5).load_state_dict(state)
 
 
+def test_states_in_the_format_of_the_loaders_before_the_shell_still_resume(corpus, tok):
+    """The shell writes the layout each path wrote on its own before (version 1): a state spelled out by hand in
+    that layout resumes exactly, the streaming one without the ``rank`` it never had; a state of another
+    back-end or of other settings is refused with one line."""
+    cfg = make_cfg(corpus, resampled=True)
+    full = _run(build_train_loader(cfg, "pretrain", tok, 0, 1, seed=5), 7)
+    sources, per_epoch = [[0, 0], [0, 0]], [4, 2]  # 8 clips and 5 images in batches of 2 (drop last)
+    for step in range(4):
+        source = choose_source(5, step, [0.5, 0.5])
+        epoch, batch = sources[source]
+        sources[source] = [epoch + 1, 0] if batch + 1 == per_epoch[source] else [epoch, batch + 1]
+    old = {"version": 1, "mode": "indexed", "task": "pretrain", "seed": 5, "rank": 0, "world_size": 1,
+           "batch_size": 2, "kinds": ["video", "image"], "step": 4, "sources": sources}
+    resumed = build_train_loader(cfg, "pretrain", tok, 0, 1, seed=5)
+    resumed.load_state_dict(old)
+    assert resumed.state_dict() == old
+    for want, got in zip(full[4:], _run(resumed, 3)):
+        assert got.keys == want.keys and torch.equal(got.video, want.video)
+
+    video = corpus["video"]
+    stream_cfg = make_cfg(corpus, train={"video": f"pipe:cat {video}/shard-{{000000..000002}}.tar", "image": None,
+                                         "video_index": str(video / "index.json.zst")}, stream_buffer=3,
+                          resampled=True)
+    reference = _run(build_train_loader(stream_cfg, "pretrain", tok, 0, 1, seed=3), 4)
+    interrupted = build_train_loader(stream_cfg, "pretrain", tok, 0, 1, seed=3)
+    _run(interrupted, 2)
+    state = interrupted.state_dict()
+    assert state["mode"] == "stream" and state.pop("rank") == 0  # the old streaming state had no rank
+    resumed = build_train_loader(stream_cfg, "pretrain", tok, 0, 1, seed=3)
+    resumed.load_state_dict(state)
+    for want, got in zip(reference[2:], _run(resumed, 2)):
+        assert got.keys == want.keys and torch.equal(got.video, want.video)
+
+    with pytest.raises(AlproError, match="mode stream.*not an indexed-loader state") as err:
+        build_train_loader(cfg, "pretrain", tok, 0, 1, seed=5).load_state_dict(state)
+    assert "\n" not in str(err.value)
+    with pytest.raises(AlproError, match="different seed.*now") as err:
+        build_train_loader(cfg, "pretrain", tok, 0, 1, seed=6).load_state_dict(old)
+    assert "\n" not in str(err.value)
+
+
 def test_plan_describes_frames_and_augmentation_without_decoding(corpus, tok):
     loader = build_train_loader(make_cfg(corpus, train={"image": None}), "pretrain", tok, 0, 1, seed=9)
     steps = list(loader.plan(steps=2))
@@ -217,7 +258,7 @@ def test_pipe_sources_stream_and_resume_exactly_with_the_same_workers(corpus, to
                    num_workers=2, stream_buffer=3, resampled=True)
     full = _run(build_train_loader(cfg, "pretrain", tok, 0, 1, seed=3), 6)
     first = build_train_loader(cfg, "pretrain", tok, 0, 1, seed=3)
-    assert len(first) == 4 and type(first).__name__ == "StreamLoader"
+    assert len(first) == 4 and type(first.source).__name__ == "StreamSource"
     _run(first, 3)
     state = first.state_dict()
     resumed = build_train_loader(cfg, "pretrain", tok, 0, 1, seed=3)

@@ -25,7 +25,7 @@ from alpro.data import (
     build_tokenizer,
     build_train_loader,
 )
-from alpro.data.dali_reader import DaliReaderLoader
+from alpro.data.dali_reader import DaliReaderSource
 from alpro.data.pem import patch_mask
 from alpro.data.plan import AUGMENT, FRAMES, choose_source, item_rng
 from alpro.data.sampling import sample_frames
@@ -81,7 +81,7 @@ def _corrupt(src: Path, dst: Path, key: str) -> Path:
 
 def test_pretraining_batches_have_every_field(vp9, tok):
     loader = build_train_loader(_cfg(vp9), "pretrain", tok, 0, 1, seed=3)
-    assert isinstance(loader, DaliReaderLoader) and len(loader) == 2  # 4 clips // (2 x 1 rank)
+    assert isinstance(loader.source, DaliReaderSource) and len(loader) == 2  # 4 clips // (2 x 1 rank)
     captions = {f"v00{i}": {f"clip number {i} shows a moving square", f"caption two of clip {i}"} for i in range(4)}
     batches = list(loader) + list(loader)  # two passes
     assert len(batches) == 4
@@ -124,16 +124,16 @@ def test_frame_lists_and_crops_computed_in_the_graph_are_the_plan_paths(vp9, tok
     """The graph's python_function draws with sample_frames and ClipTransform.draw from the sample's seed: the
     deterministic samplers give the plan path's exact indices, the random ones its generator's draws."""
     loader = build_train_loader(_cfg(vp9, train={"sampling": strategy}), "pretrain", tok, 0, 1, seed=5)
-    margin = loader.items.clip_tf.resize - 32
+    margin = loader.source.items.clip_tf.resize - 32
     for _ in range(4):
-        sample = loader.stream.next()
+        sample = loader.source.stream.next()
         g = item_rng(5, 0, 0, sample.seed, -1, FRAMES)
         assert np.array_equal(sample.frames, sample_frames(strategy, sample.vlen, 4, g))
         if strategy in ("uniform", "uniform_legacy", "middle"):
             assert np.array_equal(sample.frames, sample_frames(strategy, sample.vlen, 4))
-        top, left = loader.items.clip_tf.draw(item_rng(5, 0, 0, sample.seed, -1, AUGMENT)).crop
+        top, left = loader.source.items.clip_tf.draw(item_rng(5, 0, 0, sample.seed, -1, AUGMENT)).crop
         assert sample.crop == pytest.approx((left / margin, top / margin))
-        prepared = loader.items.prepare_members(sample.key, sample.members, 0, 0, sample.seed, -1, sample.vlen)
+        prepared = loader.source.items.prepare_members(sample.key, sample.members, 0, 0, sample.seed, -1, sample.vlen)
         assert np.array_equal(prepared.frames, sample.frames)  # what the consumer re-derives for text / PEM / ops
 
 

@@ -17,8 +17,8 @@ _WHERE = {
     "Batch": "batch", "CLIP_MEAN": "batch", "CLIP_STD": "batch",
     "DataConfig": "config", "SplitConfig": "config", "RandAugmentConfig": "config", "PemConfig": "config",
     "LimitsConfig": "config",
-    "Loader": "loader", "build_train_loader": "loader", "build_eval_loader": "loader",
-    "build_answer_vocab": "loader", "corpus_texts": "loader",
+    "Loader": "loader", "BatchSource": "protocol", "build_train_loader": "factory", "build_eval_loader": "factory",
+    "build_answer_vocab": "sources", "corpus_texts": "sources", "TASKS": "config",
     "build_tokenizer": "text", "VIDEO_PROMPT_TEMPLATES": "text", "IMAGE_PROMPT_TEMPLATES": "text",
 }
 

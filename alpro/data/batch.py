@@ -61,3 +61,12 @@ class Batch:
             if torch.is_tensor(getattr(self, f.name))
         }
         return dataclasses.replace(self, **changes)
+
+
+def pin_batch(batch: Batch) -> Batch:
+    """Page-locked copies of the tensors a training step moves to the GPU (``data.pin_memory``)."""
+    for name in ("video", "crop_video", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(batch, name, value.pin_memory())
+    return batch

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Task = Literal["pretrain", "prompter", "retrieval", "qa"]
+TASKS: tuple[str, ...] = ("pretrain", "prompter", "retrieval", "qa")
+"""The data side's task vocabulary (which sources a task reads, which transforms it gets): its one definition."""
 Sampling = Literal["rand", "headtail", "uniform", "uniform_legacy", "segment", "middle"]
 SAMPLINGS: tuple[str, ...] = ("rand", "headtail", "uniform", "uniform_legacy", "segment", "middle")
 
@@ -133,17 +134,6 @@ class LimitsConfig:
     def __post_init__(self) -> None:
         if min(self.video_bytes, self.image_bytes, self.other_bytes, self.image_pixels) < 1:
             raise ValueError("limits.* must be >= 1")
-
-    def member_cap(self, ext: str) -> tuple[str, int]:
-        """(kind, cap) of a member by its extension (the last dotted part decides: ``seg.mp4`` is a video)."""
-        from alpro.data.shards import IMAGE_EXTS, VIDEO_EXTS
-
-        last = ext.rsplit(".", 1)[-1].lower()
-        if last in VIDEO_EXTS:
-            return "video", self.video_bytes
-        if last in IMAGE_EXTS:
-            return "image", self.image_bytes
-        return "other", self.other_bytes
 
     @property
     def sample_bytes(self) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from alpro.data.config import DataConfig
+from alpro.data.indexed import IndexedSource
 from alpro.data.plan import Task
 from alpro.data.samples import BatchBuilder, BatchStats, Prepared
 from alpro.data.shards import SampleError
@@ -150,6 +151,24 @@ class DaliRenderer:
                 raise AlproError(f"replacements exhausted in batch {task.step} (last: {e})") from None
             replaced = self.builder.with_replacement(task, fallbacks.pop(0), fallbacks, stats, render=True)
             return replaced[0], replaced[1].pixels.to(self.torch_device)
+
+
+class DaliIndexedSource(IndexedSource):
+    """The indexed back-end with DALI decoding: workers prepare the video batches (bytes, frame indices,
+    augmentation), the main process decodes them with :class:`DaliRenderer`; image batches are built in the
+    workers as on the PyAV path. Same plan, same position, same state as :class:`IndexedSource`."""
+
+    def __init__(self, cfg: DataConfig, task: str, split: str, tokenizer, rank: int, world_size: int, seed: int,
+                 answer_vocab: dict[str, int] | None = None):
+        super().__init__(cfg, task, split, tokenizer, rank, world_size, seed, answer_vocab)
+        if "video" in self.kinds:
+            codecs = {str(self.shardsets[0].options.get("codec", ""))} - {""}
+            self.renderer = DaliRenderer(cfg, self.builder, codecs)
+
+    def _context(self) -> str | None:
+        # Forking a process that runs DALI threads crashes the children: DALI runs start their workers from a
+        # clean fork server instead (the dataset is pickled to them once).
+        return "forkserver"
 
 
 def _build_pipeline(batch_size: int, threads: int, device: str, device_id: int | None, size: int,

@@ -56,18 +56,17 @@ import torch
 from alpro.data.batch import CLIP_MEAN, CLIP_STD, Batch
 from alpro.data.config import DataConfig
 from alpro.data.dali import check_codec, dali_device
-from alpro.data.loader import Loader, MetricsWindow, pin_batch, task_sources
-from alpro.data.pem import crop_video
-from alpro.data.plan import AUGMENT, FRAMES, ORDER, ItemTable, Task, choose_source, item_rng, rng
+from alpro.data.indexed import IndexedSource
+from alpro.data.plan import AUGMENT, FRAMES, ORDER, ItemTable, Task, item_rng, rng
+from alpro.data.protocol import STATE_VERSION, Mix
 from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader, Prepared, read_meta
 from alpro.data.sampling import sample_frames
 from alpro.data.shards import MEDIA_VIDEO, VIDEO_EXTS, Reader, SampleError, ShardSet, resolve, split_name
+from alpro.data.sources import task_sources
 from alpro.data.transforms import apply_op, normalize
 from alpro.errors import AlproError
 
 LOG = logging.getLogger("alpro.data")
-STATE_VERSION = 1
-MODE = "dali_reader"
 _SEEDS = 1000  # purpose key of the DALI seeds, apart from the plan's purposes (plan.ORDER ...)
 _MEAN = [255.0 * m for m in CLIP_MEAN]
 _STD = [255.0 * s for s in CLIP_STD]
@@ -280,11 +279,14 @@ def _decoded_estimate(p: Prepared, device: str) -> int:
 # ------------------------------------------------------------------------------------------------ loader
 
 
-class DaliReaderLoader:
-    """Training or evaluation batches of one task from DALI's webdataset reader, with the interface of
-    :class:`alpro.data.loader.Loader`: ``len``, one pass per ``for`` loop, ``state_dict`` / ``load_state_dict``,
-    ``metrics``. Image batches of pre-training / the prompter come from the plan loader, mixed per step with
-    :func:`alpro.data.plan.choose_source` as there."""
+class DaliReaderSource:
+    """Training or evaluation back-end of one task on DALI's webdataset reader. Image batches of pre-training /
+    the prompter come from an :class:`~alpro.data.indexed.IndexedSource` of the image shards, mixed per step
+    by the loader shell as on the other paths."""
+
+    mode = "dali_reader"
+    resume_hints = {"world_size": "DALI's reader order depends on the number of ranks (resume with the same world "
+                                  "size, or use data.dali_reader: plan)"}
 
     def __init__(self, cfg: DataConfig, task: str, split: str, tokenizer, rank: int, world_size: int, seed: int,
                  answer_vocab: dict[str, int] | None = None):
@@ -322,10 +324,12 @@ class DaliReaderLoader:
             # the largest part, rounded up to whole batches, so all ranks run the same number of batches.
             self.local = n * (rank + 1) // world_size - n * rank // world_size
             self.video_batches = math.ceil(math.ceil(n / world_size) / self.batch_size)
-        self.images = None
+        self.images: IndexedSource | None = None
+        self.left_out: Counter = Counter()
         if "image" in self.kinds:
             only_images = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, image_fraction=1.0))
-            self.images = Loader(only_images, task, "train", tokenizer, rank, world_size, seed, answer_vocab)
+            self.images = IndexedSource(only_images, task, "train", tokenizer, rank, world_size, seed, answer_vocab)
+            self.left_out.update(self.images.left_out)
 
         local_rank = get_local_rank()
         self.torch_device = torch.device("cuda", local_rank) if self.device == "gpu" else torch.device("cpu")
@@ -335,86 +339,63 @@ class DaliReaderLoader:
         draw = _DrawItem(self.items, seed)
         self.stream = _ReaderStream(lambda checkpoint: _reader_pipeline(self.shardset, cfg, self.train, rank,
                                                                         world_size, seed, draw, checkpoint))
-        self.step = 0
         self._served = 0  # evaluation: samples of this rank's part handed out in the current pass
-        self._image_iter: Iterator[Batch] | None = None
-        self._window = MetricsWindow()
-        self._skips: Counter = Counter()
+        self._image_step = 0  # image batches delivered so far: the image source's own step
+        self._image_iter: Iterator[tuple[Batch, BatchStats]] | None = None
 
-    # -- sizes and state
+    # -- sizes and position
 
     def __len__(self) -> int:
         """Batches per pass: video batches per epoch (drop last) plus the image source's, or the evaluation
         batches of every rank."""
         return self.video_batches + (len(self.images) if self.images is not None else 0)
 
-    def state_dict(self) -> dict:
+    def position(self) -> dict:
         """The reader graph's DALI checkpoint (base64: the trainer stores loader states as JSON), how many samples
-        of its current batch were used, the step, and the image source's plan state."""
+        of its current batch were used, and the image source's position (with the header of an indexed state,
+        as the image loader this mode used to nest wrote it)."""
         checkpoint, consumed = self.stream.position()
-        return {"version": STATE_VERSION, "mode": MODE, "task": self.task, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world, "batch_size": self.batch_size, "kinds": list(self.kinds), "step": self.step,
-                "reader": {"checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode(),
-                           "consumed": consumed},
-                "images": None if self.images is None else self.images.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION or state.get("mode") != MODE:
-            raise AlproError(f"loader state (version {state.get('version')}, mode {state.get('mode')}) is not a "
-                             f"DALI-reader state of version {STATE_VERSION}: was data.dali_reader changed?")
-        if state.get("world_size") != self.world:
-            raise AlproError(f"loader state was saved with world_size {state.get('world_size')}, now {self.world}: "
-                             "DALI's reader order depends on the number of ranks (resume with the same world size, "
-                             "or use data.dali_reader: plan)")
-        mine = {"task": self.task, "seed": self.seed, "batch_size": self.batch_size, "kinds": list(self.kinds)}
-        mismatched = [k for k, v in mine.items() if state.get(k) != v]
-        if mismatched:
-            raise AlproError(f"loader state was saved with different {', '.join(mismatched)}: "
-                             f"{ {k: state.get(k) for k in mismatched} }; resume with the same data settings")
-        checkpoint = state["reader"]["checkpoint"]
-        self.stream.restart(None if checkpoint is None else base64.b64decode(checkpoint),
-                            int(state["reader"]["consumed"]))
+        images = None
         if self.images is not None:
-            self.images.load_state_dict(state["images"])
-            self._image_iter = None
-        self.step = int(state["step"])
+            images = {"version": STATE_VERSION, "mode": self.images.mode, "task": self.task, "seed": self.seed,
+                      "rank": self.rank, "world_size": self.world, "batch_size": self.images.batch_size,
+                      "kinds": list(self.images.kinds), "step": self._image_step, **self.images.position()}
+        return {"reader": {"checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode(),
+                           "consumed": consumed},
+                "images": images}
 
-    def plan(self, steps: int | None = None):
+    def restore(self, position: dict) -> None:
+        checkpoint = position["reader"]["checkpoint"]
+        self.stream.restart(None if checkpoint is None else base64.b64decode(checkpoint),
+                            int(position["reader"]["consumed"]))
+        if self.images is not None:
+            self.images.restore(position["images"])
+            self._image_step, self._image_iter = int(position["images"]["step"]), None
+
+    def plan(self, step: int, stop: int | None, mix: Mix):
         raise AlproError("plan() needs the loader's global plan; with data.dali_reader 'webdataset' the order is "
                          "DALI's own")
 
     # -- iteration
 
-    def __iter__(self) -> Iterator[Batch]:
-        if self.train:
-            stop = None if self.cfg.resampled else (self.step // len(self) + 1) * len(self)
-        else:  # every evaluation pass reads this rank's part from its start
-            self.step, self._served, stop = 0, 0, self.video_batches
+    def batches(self, step: int, stop: int | None, mix: Mix) -> Iterator[tuple[Batch, BatchStats]]:
+        if not self.train:  # every evaluation pass reads this rank's part from its start
+            self._served = 0
             self.stream.restart(None, 0)
-        self._window.start_if_idle()
-        while stop is None or self.step < stop:
-            t0 = time.perf_counter()
-            source = choose_source(self.seed, self.step, self.weights) if self.train else 0
-            if self.kinds[source] == "image":
-                batch, stats = self._image_batch()
+        while stop is None or step < stop:
+            if self.kinds[mix(step)] == "image":
+                yield self._image_batch()
             else:
-                batch, stats = self._video_batch(self.step)
-            if self.cfg.pin_memory and torch.cuda.is_available() and batch.video.device.type == "cpu":
-                batch = pin_batch(batch)
-            self._window.add(stats, time.perf_counter() - t0)
-            self._skips.update(stats.skips)
-            self.step += 1
-            yield batch
+                yield self._video_batch(step)
+            step += 1
 
     def _image_batch(self) -> tuple[Batch, BatchStats]:
-        while True:
-            if self._image_iter is None:
-                self._image_iter = iter(self.images)
-            try:
-                batch = next(self._image_iter)
-                return batch, BatchStats(items=len(batch))
-            except StopIteration:  # the image source's pass ended: its next pass is its next epoch
-                self._image_iter = None
+        """The image source's next batch: its own plan, continued endlessly (its epochs roll over inside)."""
+        if self._image_iter is None:
+            self._image_iter = self.images.batches(self._image_step, None, lambda _: 0)
+        out = next(self._image_iter)
+        self._image_step += 1
+        return out
 
     def _video_batch(self, step: int) -> tuple[Batch, BatchStats]:
         """B items: training fills every slot with a sample that prepares and decodes (replacing bad ones by the
@@ -435,10 +416,7 @@ class DaliReaderLoader:
             if failures > self.cfg.max_replacements:
                 raise AlproError(f"{failures} clips of batch {step} failed to decode in DALI; the shards look broken")
         prepared = [None if pick is None or pixels[i] is None else pick[1] for i, pick in enumerate(picked)]
-        batch = self.builder.assemble(Task(step, 0, 0, step, ()), prepared, pixels, stats)
-        if batch.pem_box is not None:
-            batch.crop_video = crop_video(batch.video, batch.pem_box)
-        return batch, stats
+        return self.builder.assemble(Task(step, 0, 0, step, ()), prepared, pixels, stats), stats
 
     def _take(self, stats: BatchStats) -> tuple[_Sample, Prepared] | None:
         """The next usable sample: training skips samples that fail to prepare (counted); evaluation returns
@@ -528,20 +506,6 @@ class DaliReaderLoader:
         for name in ops:
             frames = apply_op(frames, name, self.items.clip_tf.magnitude, self.cfg.frame_size)
         return normalize(frames)
-
-    # -- reporting
-
-    def metrics(self) -> dict[str, float]:
-        """As :meth:`Loader.metrics`: clips/s, wait, frames decoded per delivered frame (estimated), decode seconds
-        per clip, skips by reason (cumulative, the image source's included)."""
-        out = self._window.report()
-        skips = Counter(self._skips)
-        if self.images is not None:
-            skips.update({k.removeprefix("skipped/"): int(v) for k, v in self.images.metrics().items()
-                          if k.startswith("skipped/")})
-        out["skipped"] = float(sum(skips.values()))
-        out.update({f"skipped/{reason}": float(n) for reason, n in sorted(skips.items())})
-        return out
 
     def close(self) -> None:
         if self.images is not None:

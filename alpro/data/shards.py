@@ -369,9 +369,20 @@ def _iter_members(get, end: int, whole_tar: bool = False, starts: bool = False):
         raise SampleError("truncated", f"the tar ends at byte {end}, {where}")
 
 
+def member_cap(limits: LimitsConfig, ext: str) -> tuple[str, int]:
+    """(kind, cap) of a member by its extension (the last dotted part decides: ``seg.mp4`` is a video). Here and
+    not on :class:`LimitsConfig`: the member kinds are the shard format's, and the config must not import it."""
+    last = ext.rsplit(".", 1)[-1].lower()
+    if last in VIDEO_EXTS:
+        return "video", limits.video_bytes
+    if last in IMAGE_EXTS:
+        return "image", limits.image_bytes
+    return "other", limits.other_bytes
+
+
 def _check_size(name: str, ext: str, size: int, limits: LimitsConfig) -> None:
     """SampleError('too_large') for a member over its kind's cap (decided from the tar header alone)."""
-    kind, cap = limits.member_cap(ext)
+    kind, cap = member_cap(limits, ext)
     if size > cap:
         raise SampleError("too_large", f"member {name} is {size} bytes, over the {kind} cap of {cap} "
                           f"(data.limits.{kind}_bytes)")

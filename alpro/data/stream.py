@@ -14,7 +14,7 @@ The sample counts come from the shard set's ``index.json.zst`` (``data.<split>.v
 from __future__ import annotations
 
 import logging
-import time
+from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -22,15 +22,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alpro.data.batch import Batch
 from alpro.data.config import DataConfig
-from alpro.data.loader import MetricsWindow, task_sources
-from alpro.data.pem import crop_video
-from alpro.data.plan import ORDER, ItemTable, Task, choose_source, rng
+from alpro.data.plan import ORDER, ItemTable, Task, rng
+from alpro.data.protocol import Mix
 from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader
 from alpro.data.shards import SampleError, ShardSet, resolve, stream_samples
+from alpro.data.sources import task_sources
 from alpro.errors import AlproError
 
 LOG = logging.getLogger("alpro.data")
-STATE_VERSION = 1
 
 
 class _ShardStream(IterableDataset):
@@ -111,8 +110,11 @@ def _identity(x):
     return x
 
 
-class StreamLoader:
-    """Training loader over ``pipe:`` sources; same interface as :class:`alpro.data.loader.Loader`."""
+class StreamSource:
+    """Training back-end over ``pipe:`` sources (see the module docstring)."""
+
+    mode = "stream"
+    resume_hints: dict[str, str] = {}
 
     def __init__(self, cfg: DataConfig, task: str, tokenizer, rank: int, world_size: int, seed: int,
                  answer_vocab: dict[str, int] | None = None):
@@ -132,43 +134,33 @@ class StreamLoader:
         items = ItemLoader(cfg, task, "train", tables, seed, answer_vocab)
         self.builder = BatchBuilder(items, tokenizer, self.kinds, rank)
         self.batch_size = cfg.batch_size
-        self.batches = [len(s) // (self.batch_size * world_size) for s in self.shardsets]
-        if min(self.batches) == 0:
+        self.batches_per_source = [len(s) // (self.batch_size * world_size) for s in self.shardsets]
+        if min(self.batches_per_source) == 0:
             raise AlproError("data.train: a pipe: source holds less than one global batch")
-        self._state = {"step": 0, "workers": cfg.num_workers, "positions": [{} for _ in self.kinds],
-                       "delivered": [0 for _ in self.kinds]}
-        self._window = MetricsWindow()
-        self._skips: dict[str, int] = {}
+        self.left_out: Counter = Counter()
+        self._workers = cfg.num_workers
+        self._positions: list[dict[int, list[int]]] = [{} for _ in self.kinds]
+        self._delivered = [0 for _ in self.kinds]
 
     def __len__(self) -> int:
-        return sum(self.batches)
+        return sum(self.batches_per_source)
 
-    def state_dict(self) -> dict:
-        positions = [{str(w): list(p) for w, p in pos.items()} for pos in self._state["positions"]]
-        return {"version": STATE_VERSION, "mode": "stream", "task": self.task, "seed": self.seed,
-                "world_size": self.world, "batch_size": self.batch_size, "kinds": list(self.kinds),
-                "step": self._state["step"], "workers": self._state["workers"], "positions": positions,
-                "delivered": list(self._state["delivered"])}
+    def position(self) -> dict:
+        positions = [{str(w): list(p) for w, p in pos.items()} for pos in self._positions]
+        return {"workers": self._workers, "positions": positions, "delivered": list(self._delivered)}
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION or state.get("mode") != "stream":
-            raise AlproError("loader state is not a streaming-loader state (were the sources changed?)")
-        for key, mine in (("seed", self.seed), ("world_size", self.world), ("batch_size", self.batch_size),
-                          ("kinds", list(self.kinds))):
-            if state.get(key) != mine:
-                raise AlproError(f"loader state was saved with {key}={state.get(key)!r}, now {mine!r}")
-        positions = [{int(w): list(p) for w, p in pos.items()} for pos in state["positions"]]
-        delivered = list(state["delivered"])
-        if state["workers"] != self.cfg.num_workers:
+    def restore(self, position: dict) -> None:
+        positions = [{int(w): list(p) for w, p in pos.items()} for pos in position["positions"]]
+        delivered = list(position["delivered"])
+        if position["workers"] != self.cfg.num_workers:
             LOG.warning(f"streaming loader resumed with {self.cfg.num_workers} workers instead of "
-                        f"{state['workers']}: the sample sequence differs from the uninterrupted run")
+                        f"{position['workers']}: the sample sequence differs from the uninterrupted run")
             positions, delivered = [{} for _ in self.kinds], [0 for _ in self.kinds]
-        self._state = {"step": int(state["step"]), "workers": self.cfg.num_workers, "positions": positions,
-                       "delivered": delivered}
+        self._workers, self._positions, self._delivered = self.cfg.num_workers, positions, delivered
 
     def _stream(self, source: int) -> Iterator:
         dataset = _ShardStream(self.builder, source, self.shardsets[source], self.rank, self.world, self.seed,
-                               self.batch_size, self.cfg.stream_buffer, self._state["positions"][source])
+                               self.batch_size, self.cfg.stream_buffer, self._positions[source])
         workers = self.cfg.num_workers
         loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
                             prefetch_factor=self.cfg.prefetch_factor if workers else None,
@@ -178,7 +170,7 @@ class StreamLoader:
     def _next(self, source: int, streams: dict, stash: dict):
         """The source's next batch in worker round-robin order, continuing the order of the run that saved the
         state (a fresh DataLoader iterator always starts at worker 0; batches of other workers wait)."""
-        expected = self._state["delivered"][source] % max(self.cfg.num_workers, 1)
+        expected = self._delivered[source] % max(self.cfg.num_workers, 1)
         while (source, expected) not in stash:
             if source not in streams:
                 streams[source] = self._stream(source)
@@ -188,31 +180,19 @@ class StreamLoader:
             stash[(source, worker)] = (batch, stats, position)
         return stash.pop((source, expected)) + (expected,)
 
-    def __iter__(self) -> Iterator[Batch]:
-        length = len(self)
-        stop = None if self.cfg.resampled else (self._state["step"] // length + 1) * length
+    def batches(self, step: int, stop: int | None, mix: Mix) -> Iterator[tuple[Batch, BatchStats]]:
         streams: dict[int, Iterator] = {}
         stash: dict = {}
-        self._window.start_if_idle()
-        while stop is None or self._state["step"] < stop:
-            source = choose_source(self.seed, self._state["step"], self.weights)
-            t0 = time.perf_counter()
+        while stop is None or step < stop:
+            source = mix(step)
             batch, stats, position, worker = self._next(source, streams, stash)
-            if batch.pem_box is not None:
-                batch.crop_video = crop_video(batch.video, batch.pem_box)
-            self._window.add(stats, time.perf_counter() - t0)
-            for reason, n in stats.skips.items():
-                self._skips[reason] = self._skips.get(reason, 0) + n
-            self._state["step"] += 1
-            self._state["delivered"][source] += 1
-            self._state["positions"][source][worker] = position
-            yield batch
+            self._delivered[source] += 1
+            self._positions[source][worker] = position
+            step += 1
+            yield batch, stats
 
-    def plan(self, steps: int | None = None):
+    def plan(self, step: int, stop: int | None, mix: Mix):
         raise AlproError("plan() needs seekable shards; pipe: sources are only known by streaming them")
 
-    def metrics(self) -> dict[str, float]:
-        out = self._window.report()
-        out["skipped"] = float(sum(self._skips.values()))
-        out.update({f"skipped/{r}": float(n) for r, n in sorted(self._skips.items())})
-        return out
+    def close(self) -> None:
+        """Nothing held between passes: each pass starts its own workers."""
