@@ -29,8 +29,9 @@ Smoke mode (no CUDA; ``make test`` runs it through tests/test_gpu_check.py, < 60
 the Triton kernels under the interpreter (``TRITON_INTERPRET=1``) on tiny shapes (every shipped config forced in
 turn at fp16, the other dtypes with the interpreter's config), timing with ``time.perf_counter`` instead of
 ``do_bench``, and section 3 with DALI on the CPU on VP9 clips (the CPU decoder cannot read H.264); section 4
-needs CUDA, NCCL and alpro-base's memory: smoke mode reports it as SKIP (``bench_train.py`` runs the same trainer
-on the CPU). Exit status 1 when any case FAILs.
+needs CUDA, NCCL and alpro-base's memory: smoke mode reports it as SKIP, and ``--train-on-cpu`` runs that
+section's code end to end on the ``debug`` preset instead (gloo, bf16, 4 steps, ~1-2 min; tested as a slow test).
+Exit status 1 when any case FAILs.
 """
 
 from __future__ import annotations
@@ -529,26 +530,33 @@ def mfu(preset: str, samples_per_s: float, device_name: str, frames: int = 4) ->
     return None if peak is None else flops_per_sample * samples_per_s / (peak * 1e12)
 
 
-def section_train(rep: Report, plan: dict, device: str, env: dict, work: Path) -> None:
-    case = f"pretrain {plan['train_preset']} {plan['train_size']} px, {plan['train_steps']} steps, bf16 ZeRO-2"
-    if device != "cuda":
-        rep.add("train", case, "SKIP", "needs CUDA + NCCL (smoke mode; benchmarks/bench_train.py runs the trainer on "
-                "the CPU)")  # fmt: skip
+def section_train(rep: Report, plan: dict, device: str, env: dict, work: Path, on_cpu: bool = False) -> None:
+    """The real trainer under torchrun (one process; NCCL on the GPU, gloo on the CPU) on a synthetic corpus it
+    builds first: a frozen prompter trained for 2 steps, then ``train_steps`` pre-training steps with all four
+    losses. Throughput, data wait and peak memory come from the trainer's own ``metrics.jsonl``."""
+    if on_cpu:
+        plan = {**plan, **TRAIN_ON_CPU}
+    preset, size, steps, precision = (plan[k] for k in ("train_preset", "train_size", "train_steps",
+                                                        "train_precision"))  # fmt: skip
+    case = f"pretrain {preset} {size} px, {steps} steps, {precision} ZeRO-2, 1 process ({device})"
+    if device != "cuda" and not on_cpu:
+        rep.add("train", case, "SKIP", "needs CUDA + NCCL (smoke mode; --train-on-cpu runs this section's code on "
+                "the debug preset)")  # fmt: skip
         return
-    size, preset, steps = plan["train_size"], plan["train_preset"], plan["train_steps"]
-    corpus, shards = work / "train_corpus", work / f"train_shards_{size}"
+    resize = plan["train_resize"]
+    corpus, shards = work / f"train_corpus_{plan['train_clips']}", work / f"train_shards_{resize}"
     if not (corpus / "manifest.jsonl").is_file():
-        _alpro("synth", str(corpus), "--num-clips", "320", "--quiet", "--overwrite")
+        _alpro("synth", str(corpus), "--num-clips", str(plan["train_clips"]), "--quiet", "--overwrite")
     data = {}
     for name, media in (("video", "video"), ("image", "image")):
         data[name] = shards / name
         if not (data[name] / "index.json.zst").is_file():
             _alpro("shard", str(corpus / "manifest.jsonl"), str(data[name]), "--split", "train", "--media", media,
-                   "--fps", "8", "--short-side", str(size + 32), "--no-progress")  # fmt: skip
-    common = ["--model.preset", preset, "--data.frame_size", str(size), "--data.resize", str(size + 32),
-              "--data.batch_size", str(plan["train_batch"]), "--data.num_workers", "6",
+                   "--fps", "8", "--short-side", str(plan["train_short_side"]), "--no-progress")  # fmt: skip
+    common = ["--model.preset", preset, "--data.frame_size", str(size), "--data.resize", str(resize),
+              "--data.batch_size", str(plan["train_batch"]), "--data.num_workers", str(plan["train_workers"]),
               "--data.train.video", str(data["video"]), "--data.train.image", str(data["image"]),
-              "--data.test.video", "null", "--train.precision", "bf16", "--train.zero_stage", "2",
+              "--data.test.video", "null", "--train.precision", precision, "--train.zero_stage", "2",
               "--train.tensorboard", "false"]  # fmt: skip
 
     def train(stage: str, run: Path, n: int, *extra: str) -> list[dict]:
@@ -561,7 +569,7 @@ def section_train(rep: Report, plan: dict, device: str, env: dict, work: Path) -
         return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
     try:
-        stamp = int(time.time())
+        stamp = f"{int(time.time())}_{os.getpid()}"
         prompter = work / f"prompter_{preset}_{stamp}"
         train("prompter", prompter, 2)
         rows = train("pretrain", work / f"pretrain_{preset}_{stamp}", steps, "--init.prompter",
@@ -576,13 +584,14 @@ def section_train(rep: Report, plan: dict, device: str, env: dict, work: Path) -
     samples = statistics.mean(r["throughput/clips_per_s"] for r in windows)
     wait = statistics.mean(r["throughput/data_wait"] for r in windows)
     peak_gb = max(r.get("memory/peak_gb", 0.0) for r in windows)
-    util = mfu(preset, samples, env["device"])
+    util = mfu(preset, samples, env["device"]) if device == "cuda" else None
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    finite = all(math.isfinite(x) for x in losses)
+    finite = bool(losses) and all(math.isfinite(x) for x in losses)
     rep.add("train", case, "PASS" if finite else "FAIL",
             f"{samples:.1f} samples/s, MFU {'n/a' if util is None else f'{100 * util:.1f} %'}, peak {peak_gb:.1f} GB, "
-            f"data wait {100 * wait:.1f} %, losses finite {finite}", samples_per_s=round(samples, 2),
-            mfu=None if util is None else round(util, 4), peak_gb=round(peak_gb, 2), data_wait=round(wait, 4))  # fmt: skip
+            f"data wait {100 * wait:.1f} %, {len(losses)} losses finite {finite}", samples_per_s=round(samples, 2),
+            mfu=None if util is None else round(util, 4), peak_gb=round(peak_gb, 2), data_wait=round(wait, 4),
+            steps=steps)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------- output
@@ -595,7 +604,8 @@ FULL = {
     "speed_shapes": [(16, 4), (32, 4), (16, 8), (32, 8), (16, 16)],
     "contrastive_speed": [(16, 256), (4096, 32768), (16384, 16384)],
     "dali_size": (400, 224), "dali_clips": 32,
-    "train_preset": "alpro-base", "train_size": 224, "train_steps": 30, "train_batch": 16,
+    "train_preset": "alpro-base", "train_size": 224, "train_resize": 256, "train_short_side": 256,
+    "train_steps": 30, "train_batch": 16, "train_workers": 6, "train_clips": 320, "train_precision": "bf16",
     "numerics_budget_s": 200.0, "column_split": "auto",
 }  # fmt: skip
 SMOKE = {
@@ -606,8 +616,14 @@ SMOKE = {
     "speed_shapes": [(1, 2)],
     "contrastive_speed": [(8, 24)],
     "dali_size": (96, 64), "dali_clips": 4,
-    "train_preset": "alpro-base", "train_size": 224, "train_steps": 30, "train_batch": 16,
+    "train_preset": "alpro-base", "train_size": 224, "train_resize": 256, "train_short_side": 256,
+    "train_steps": 30, "train_batch": 16, "train_workers": 6, "train_clips": 320, "train_precision": "bf16",
     "numerics_budget_s": 120.0, "column_split": 3,
+}  # fmt: skip
+# --train-on-cpu: section 4's code end to end on the debug preset (gloo, DeepSpeed bf16 on the CPU), ~1-2 min.
+TRAIN_ON_CPU = {
+    "train_preset": "debug", "train_size": 32, "train_resize": 36, "train_short_side": 40, "train_steps": 4,
+    "train_batch": 4, "train_workers": 0, "train_clips": 24, "train_precision": "bf16",
 }  # fmt: skip
 
 
@@ -676,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default="numerics,speed,dali,train", help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="JSON/CSV/plot folder")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "alpro_gpu_check")
+    parser.add_argument("--train-on-cpu", action="store_true",
+                        help="smoke mode: run the training section on the debug preset on the CPU instead of SKIP")
     args = parser.parse_args(argv)
 
     import torch
@@ -699,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"numerics": lambda: section_numerics(rep, plan, device, arch, plan["numerics_budget_s"]),
                 "speed": lambda: section_speed(rep, plan, device, env),
                 "dali": lambda: section_dali(rep, plan, device, args.work),
-                "train": lambda: section_train(rep, plan, device, env, args.work)}  # fmt: skip
+                "train": lambda: section_train(rep, plan, device, env, args.work, args.train_on_cpu and smoke)}  # fmt: skip
     t0 = time.perf_counter()
     for name in args.sections.split(","):
         t = time.perf_counter()

@@ -85,3 +85,18 @@ def test_mfu_uses_bench_models_flop_count():
     assert gpu_check.mfu("debug", 100.0, "NVIDIA H100 80GB HBM3") == pytest.approx(per_sample * 100 / 989e12)
     assert gpu_check.mfu("debug", 100.0, "NVIDIA H200") == gpu_check.mfu("debug", 100.0, "NVIDIA H100 80GB HBM3")
     assert gpu_check.mfu("debug", 100.0, "Some GPU") is None
+
+
+@pytest.mark.slow
+def test_training_section_runs_on_the_cpu(tmp_path):
+    """--train-on-cpu: section 4's code end to end (synthetic corpus, shards, a 2-step prompter, 4 bf16 ZeRO-2
+    pre-training steps under torchrun, the trainer's metrics), on the debug preset with gloo instead of NCCL."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--sections", "train",
+                           "--train-on-cpu", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["rows"]
+    assert row["status"] == "PASS" and "bf16" in row["case"] and row["steps"] == 4
+    assert row["samples_per_s"] > 0 and 0 <= row["data_wait"] < 1 and row["peak_gb"] > 0
+    assert row["mfu"] is None  # no GPU peak to divide by on the CPU
