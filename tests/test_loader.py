@@ -20,6 +20,7 @@ from alpro.data import (
 )
 from alpro.data.pem import patch_mask
 from alpro.data.plan import choose_source
+from alpro.data.protocol import BatchSource
 from alpro.errors import AlproError
 
 
@@ -147,6 +148,7 @@ def test_states_in_the_format_of_the_loaders_before_the_shell_still_resume(corpu
     old = {"version": 1, "mode": "indexed", "task": "pretrain", "seed": 5, "rank": 0, "world_size": 1,
            "batch_size": 2, "kinds": ["video", "image"], "step": 4, "sources": sources}
     resumed = build_train_loader(cfg, "pretrain", tok, 0, 1, seed=5)
+    assert isinstance(resumed.source, BatchSource) and resumed.source.mode == "indexed"
     resumed.load_state_dict(old)
     assert resumed.state_dict() == old
     for want, got in zip(full[4:], _run(resumed, 3)):
@@ -160,6 +162,7 @@ def test_states_in_the_format_of_the_loaders_before_the_shell_still_resume(corpu
     interrupted = build_train_loader(stream_cfg, "pretrain", tok, 0, 1, seed=3)
     _run(interrupted, 2)
     state = interrupted.state_dict()
+    assert isinstance(interrupted.source, BatchSource)
     assert state["mode"] == "stream" and state.pop("rank") == 0  # the old streaming state had no rank
     resumed = build_train_loader(stream_cfg, "pretrain", tok, 0, 1, seed=3)
     resumed.load_state_dict(state)

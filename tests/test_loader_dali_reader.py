@@ -28,6 +28,7 @@ from alpro.data import (
 from alpro.data.dali_reader import DaliReaderSource
 from alpro.data.pem import patch_mask
 from alpro.data.plan import AUGMENT, FRAMES, choose_source, item_rng
+from alpro.data.protocol import BatchSource
 from alpro.data.sampling import sample_frames
 from alpro.errors import AlproError
 
@@ -81,7 +82,8 @@ def _corrupt(src: Path, dst: Path, key: str) -> Path:
 
 def test_pretraining_batches_have_every_field(vp9, tok):
     loader = build_train_loader(_cfg(vp9), "pretrain", tok, 0, 1, seed=3)
-    assert isinstance(loader.source, DaliReaderSource) and len(loader) == 2  # 4 clips // (2 x 1 rank)
+    assert isinstance(loader.source, DaliReaderSource) and isinstance(loader.source, BatchSource)
+    assert len(loader) == 2  # 4 clips // (2 x 1 rank)
     captions = {f"v00{i}": {f"clip number {i} shows a moving square", f"caption two of clip {i}"} for i in range(4)}
     batches = list(loader) + list(loader)  # two passes
     assert len(batches) == 4
@@ -223,6 +225,31 @@ def test_image_batches_mix_in_with_the_plan_loaders_choice(vp9, tok):
         assert batch.video.shape == (2, 3, 4, 32, 32) and batch.mlm_labels is None and batch.pem_box is None
 
 
+def test_a_mixed_state_with_its_image_position_resumes_exactly(vp9, tok):
+    """The image source's position travels inside the reader state (``images``, in the layout of an indexed
+    state) and continues where it was, across the image source's epoch boundary."""
+    cfg = _cfg(vp9, train={"image": str(shared_corpus()["image"])}, resampled=True)
+    reference = build_train_loader(cfg, "prompter", tok, 0, 1, seed=11)
+    batches, states = [], []
+    for batch in reference:
+        batches.append(batch)
+        states.append(json.loads(json.dumps(reference.state_dict())))
+        if len(batches) == 14:  # at seed 11: images at steps 1, 8, 11, 12, 13 (2 image batches per epoch)
+            break
+    k = 1  # saved right after the first image batch, in the middle of the image source's first epoch
+    assert states[k]["images"]["mode"] == "indexed" and states[k]["images"]["step"] == 1
+    resumed = build_train_loader(cfg, "prompter", tok, 0, 1, seed=11)
+    resumed.load_state_dict(states[k])
+    rest = []
+    for batch in resumed:
+        rest.append(batch)
+        if len(rest) == len(batches) - k - 1:
+            break
+    assert [b.type for b in rest] == [b.type for b in batches[k + 1 :]] and [b.type for b in rest].count("image") == 4
+    assert all(a.keys == b.keys and a.texts == b.texts and torch.equal(a.video, b.video)
+               for a, b in zip(rest, batches[k + 1 :]))
+
+
 def test_errors_are_one_clear_line(vp9, tok):
     with pytest.raises(AlproError, match="cannot be decoded by DALI on the CPU.*--codec vp9") as info:
         build_train_loader(_cfg(shared_corpus()["video"]), "pretrain", tok, 0, 1, seed=0)  # H.264 shards
@@ -234,6 +261,7 @@ def test_errors_are_one_clear_line(vp9, tok):
                            "pretrain", tok, 0, 1, seed=0)
 
 
+@pytest.mark.slow  # spawns the trainer
 def test_the_trainer_cli_runs_on_the_reader(vp9, tmp_path):
     """The prompter debug stage, 4 steps (steps 0-2 are image batches at seed 42, step 3 a video batch), then its
     end-of-training retrieval evaluation through the reader's evaluation loader."""

@@ -5,14 +5,11 @@ the settings a state must match), which source each step draws from, the metrics
 the PEM crop and pinning. A back-end (:class:`BatchSource`) only turns steps into batches and keeps its own
 position. One back-end per way of reading:
 
-==========================================  =========================  ================================
-back-end                                    state ``mode``             reads
-==========================================  =========================  ================================
-:class:`alpro.data.indexed.IndexedSource`   ``indexed``                seekable shards, PyAV decoding
-:class:`alpro.data.dali.DaliIndexedSource`  ``indexed``                the same plan, DALI decoding
-:class:`alpro.data.stream.StreamSource`     ``stream``                 ``pipe:`` commands, front to back
-:class:`alpro.data.dali_reader.DaliReaderSource`  ``dali_reader``      DALI's own webdataset reader
-==========================================  =========================  ================================
+- :class:`alpro.data.indexed.IndexedSource` (state mode ``indexed``): seekable shards in the global plan,
+  PyAV decoding in DataLoader workers;
+- :class:`alpro.data.dali.DaliIndexedSource` (``indexed``): the same plan, video decoded by DALI;
+- :class:`alpro.data.stream.StreamSource` (``stream``): ``pipe:`` commands, front to back;
+- :class:`alpro.data.dali_reader.DaliReaderSource` (``dali_reader``): DALI's own webdataset reader.
 
 This module imports nothing heavy, so the back-ends and the shell can both depend on it without a cycle.
 """
@@ -21,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from alpro.data.batch import Batch
@@ -38,6 +35,7 @@ Mix = Callable[[int], int]
 """Step -> index of the source (in ``kinds``) that step draws from."""
 
 
+@runtime_checkable
 class BatchSource(Protocol):
     """One back-end of the loader: batches for a sequence of steps, and the position to resume from.
 
