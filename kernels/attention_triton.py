@@ -422,7 +422,8 @@ def max_temporal_frames(meta: dict) -> int:
 
 
 def _tuned(name: str, kernel, key: list[str], reset: tuple[str, ...] = ()):
-    """Autotune over the architecture's and width class's list."""
+    """Autotune over the architecture's and width class's list. ``PRECISION`` is in every key: the TF32 switch
+    changes the width class (and Triton's key has the tensors' dtypes, not the constexprs)."""
 
     def prune(configs, named_args, **kwargs):
         T = named_args["T"] if name.startswith("temporal") else None
@@ -435,13 +436,13 @@ def _tuned(name: str, kernel, key: list[str], reset: tuple[str, ...] = ()):
 
 
 TUNED = {
-    "temporal_fwd": _tuned("temporal_fwd", _temporal_fwd_kernel, ["T", "BLOCK_D"]),
-    "temporal_bwd": _tuned("temporal_bwd", _temporal_bwd_kernel, ["T", "BLOCK_D"]),
-    "spatial_fwd": _tuned("spatial_fwd", _spatial_fwd_kernel, ["S", "BLOCK_D"]),
-    "spatial_bwd_dq": _tuned("spatial_bwd_dq", _spatial_bwd_dq_kernel, ["S", "BLOCK_D", "COMPUTE_DQ"]),
+    "temporal_fwd": _tuned("temporal_fwd", _temporal_fwd_kernel, ["T", "BLOCK_D", "PRECISION"]),
+    "temporal_bwd": _tuned("temporal_bwd", _temporal_bwd_kernel, ["T", "BLOCK_D", "PRECISION"]),
+    "spatial_fwd": _tuned("spatial_fwd", _spatial_fwd_kernel, ["S", "BLOCK_D", "PRECISION"]),
+    "spatial_bwd_dq": _tuned("spatial_bwd_dq", _spatial_bwd_dq_kernel, ["S", "BLOCK_D", "COMPUTE_DQ", "PRECISION"]),
     # reset_to_zero: benchmarking runs repeat the atomic adds into DQ_ACC.
-    "spatial_bwd_dkdv": _tuned("spatial_bwd_dkdv", _spatial_bwd_dkdv_kernel, ["S", "BLOCK_D", "ATOMIC_DQ"],
-                               reset=("DQ_ACC",)),
+    "spatial_bwd_dkdv": _tuned("spatial_bwd_dkdv", _spatial_bwd_dkdv_kernel,
+                               ["S", "BLOCK_D", "ATOMIC_DQ", "PRECISION"], reset=("DQ_ACC",)),
 }  # fmt: skip
 KERNELS = {
     "temporal_fwd": _temporal_fwd_kernel,

@@ -207,7 +207,10 @@ def _tuned(name: str):
         return candidates(name, device_arch(named_args["X"]), kwargs)
 
     configs = [c for arch in ARCHS for width in TABLES[name][arch].values() for c in width]
-    return triton.autotune(configs, key=["BLOCK_D"], prune_configs_by={"early_config_prune": prune})(KERNELS[name])
+    # PRECISION keyed: the TF32 switch changes the width class (Triton's key has the dtypes, not the constexprs)
+    return triton.autotune(configs, key=["BLOCK_D", "PRECISION"], prune_configs_by={"early_config_prune": prune})(
+        KERNELS[name]
+    )
 
 
 TUNED = {name: _tuned(name) for name in TABLES}
