@@ -95,7 +95,7 @@ def run_demo(out: Path, num_clips: int, nproc: int, scale: float) -> dict:
 
     data = ["--data.train.video", str(shards / "train_video"), "--data.train.image", str(shards / "train_image"),
             "--data.test.video", str(shards / "test_video")]
-    steps = {name: max(1, round(n * scale)) for name, n in (("prompter", 200), ("pretrain", 110), ("qa", 120))}
+    steps = {name: max(1, round(n * scale)) for name, n in (("prompter", 200), ("pretrain", 110), ("qa", 160))}
     step("prompter", (runs / "prompter" / "final" / "model.safetensors").is_file(),
          _torchrun(nproc, "--config", str(CONFIGS / "prompter.yaml"), "--train.run_dir", str(runs / "prompter"),
                    "--train.steps", str(steps["prompter"]), "--train.resume", "auto", *data))
