@@ -374,13 +374,19 @@ def _train(run: Path, shards, *extra: str, env: dict | None = None, check: bool 
     return proc
 
 
-TIMING = ("time", "throughput/", "memory/", "data/clips_per_s", "data/wait_s", "data/decode_s_per_clip")
+def _timing(key: str) -> bool:
+    """Wall-clock fields: time, throughput, memory, and the loader's seconds and rates (``data/wait_s``,
+    ``data/decode_s_per_clip``, ``data/clips_per_s``); loader counters (``data/skipped*``) are compared."""
+    if key == "time" or key.startswith(("throughput/", "memory/")):
+        return True
+    name = key.split("/")[-1]
+    return key.startswith("data/") and ("_s_" in name or name.endswith(("_s", "per_s")))
 
 
 def _rows(run: Path) -> list[dict]:
-    """metrics.jsonl rows without wall-clock fields (time, throughput, memory, loader timings)."""
+    """metrics.jsonl rows without wall-clock fields."""
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+    return [{k: v for k, v in r.items() if not _timing(k)} for r in rows]
 
 
 EXTRA = ("--train.steps", "8", "--train.save_interval", "2", "--train.log_interval", "1", "--train.keep_last", "4")
