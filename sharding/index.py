@@ -18,7 +18,9 @@ from typing import Any
 import zstandard
 
 from alpro.errors import AlproError
-from alpro.sharding.writer import atomic_write, json_bytes
+from alpro.fileio import atomic_write
+from alpro.shard_format import BUILD_NAME, FORMAT_TAG, FORMAT_VERSION, INDEX_NAME, REJECTS_NAME, SIZES_NAME, part_name
+from alpro.sharding.writer import json_bytes
 
 __all__ = [
     "INDEX_NAME",
@@ -33,8 +35,6 @@ __all__ = [
     "merge_index",
 ]
 
-INDEX_NAME = "index.json.zst"
-BUILD_NAME = "build.json"
 _PART_RE = re.compile(r"^index\.part-(\d{5})-of-(\d{5})\.json\.zst$")
 _ZSTD_LEVEL = 10  # single-threaded zstd at a fixed level: deterministic output bytes
 
@@ -52,10 +52,6 @@ def read_json_zst(path: Path) -> Any:
         return json.loads(decompress_index(Path(path).read_bytes(), str(path)))
     except (OSError, ValueError) as e:
         raise AlproError(f"{path}: cannot read zstd JSON ({e})") from None
-
-
-def part_name(rank: int, num_nodes: int) -> str:
-    return f"index.part-{rank:05d}-of-{num_nodes:05d}.json.zst"
 
 
 def write_build(out_dir: Path, build: dict[str, Any]) -> None:
@@ -144,8 +140,8 @@ def merge_index(out_dir: str | Path, parts: list[dict[str, Any]] | None = None) 
     cross_duplicates = 0 if build["options"]["keep_duplicates"] else len(hashes) - len(set(hashes))
     inputs = sum(p["inputs"] for p in parts)
     index = {
-        "format": "alpro-shards",
-        "version": 1,
+        "format": FORMAT_TAG,
+        "version": FORMAT_VERSION,
         "name": build["name"],
         "options": build["options"],
         "manifest": build["manifest"],
@@ -154,8 +150,8 @@ def merge_index(out_dir: str | Path, parts: list[dict[str, Any]] | None = None) 
     }
     # sizes.json and rejects.jsonl first, index last: an index on disk means the set is complete.
     sizes = {s["file"]: s["num_samples"] for s in shards}
-    atomic_write(out_dir / "sizes.json", (json.dumps(sizes, indent=1) + "\n").encode())
-    atomic_write(out_dir / "rejects.jsonl", b"".join(json_bytes(r) + b"\n" for r in rejects))
+    atomic_write(out_dir / SIZES_NAME, (json.dumps(sizes, indent=1) + "\n").encode())
+    atomic_write(out_dir / REJECTS_NAME, b"".join(json_bytes(r) + b"\n" for r in rejects))
     write_json_zst(out_dir / INDEX_NAME, index)
     return index
 

@@ -27,6 +27,7 @@ from alpro.data.config import LimitsConfig
 from alpro.data.meta import meta_problem
 from alpro.data.shards import SampleError, _iter_members
 from alpro.errors import AlproError
+from alpro.shard_format import REJECTS_NAME, stats_name
 from alpro.sharding._cli import OneLineParser
 
 __all__ = ["resolve_shards", "inspect_shards", "extract_sample", "format_report", "main"]
@@ -130,7 +131,7 @@ def _rejects_near(tars: list[Path]) -> Counter[str]:
     reasons: Counter[str] = Counter()
     found_stats = False
     for tar in tars:
-        stats_path = tar.with_name(tar.name[: -len(".tar")] + "_stats.json")
+        stats_path = tar.with_name(stats_name(tar.name[: -len(".tar")]))
         if stats_path.is_file():
             found_stats = True
             try:
@@ -139,7 +140,7 @@ def _rejects_near(tars: list[Path]) -> Counter[str]:
             except (ValueError, AttributeError, OSError):
                 reasons["unreadable_stats"] += 1
     if not found_stats:
-        for rejects in {t.parent / "rejects.jsonl" for t in tars}:
+        for rejects in {t.parent / REJECTS_NAME for t in tars}:
             if rejects.is_file():
                 for line in rejects.read_text(encoding="utf-8", errors="replace").splitlines():
                     if line.strip():

@@ -24,7 +24,6 @@ import errno
 import hashlib
 import math
 import multiprocessing as mp
-import struct
 import sys
 import tarfile
 import time
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from alpro.config import ConfigError, from_dict, to_dict
 from alpro.errors import AlproError
+from alpro.shard_format import DALI_IDX_SUFFIX, REJECTS_NAME, STATS_SUFFIX, encode_vinfo
 from alpro.sharding._cli import OneLineParser
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
 from alpro.sharding.manifest import (
@@ -375,7 +375,7 @@ def _process(item: _Item) -> _Result:
             media = transcode_video(data, opts.video_settings(), opts.limits())
         extra, result.nonfinite_nulled = _finite_json(item.row.extra)
         meta = _metadata(item, captions, result.sha256, media, extra)
-        vinfo = struct.pack("<4i", media.num_frames, media.width, media.height, round(media.fps * 1000))
+        vinfo = encode_vinfo(media.num_frames, media.width, media.height, media.fps)
         result.members = [("json", json_bytes(meta)), ("txt", "\n".join(captions).encode()), ("vinfo", vinfo),
                           (media.ext, media.data)]
         result.num_frames, result.duration = media.num_frames, meta["duration"]
@@ -543,8 +543,8 @@ def _remove_stale(out_dir: Path, prefix: str, keep: int) -> None:
     for tmp in out_dir.glob(f".{prefix}-*.tmp"):
         tmp.unlink(missing_ok=True)
     seq = keep
-    while any((out_dir / f"{_stem(prefix, seq)}{suffix}").exists() for suffix in (".tar", ".idx", "_stats.json")):
-        for suffix in ("_stats.json", ".idx", ".tar"):
+    while any((out_dir / f"{_stem(prefix, seq)}{suffix}").exists() for suffix in (".tar", DALI_IDX_SUFFIX, STATS_SUFFIX)):
+        for suffix in (STATS_SUFFIX, DALI_IDX_SUFFIX, ".tar"):
             (out_dir / f"{_stem(prefix, seq)}{suffix}").unlink(missing_ok=True)
         seq += 1
 
@@ -760,7 +760,7 @@ def _main(argv: list[str]) -> int:
     if summary.reject_ratio > ratio_limit:
         print(f"alpro shard: {summary.rejected}/{summary.inputs} inputs rejected "
               f"({100 * summary.reject_ratio:.1f} % > --max-reject-ratio {ratio_limit}); "
-              f"written shards are kept, see {Path(args.out_dir) / 'rejects.jsonl'}", file=sys.stderr)
+              f"written shards are kept, see {Path(args.out_dir) / REJECTS_NAME}", file=sys.stderr)
         return 1
     return 0
 

@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from alpro.errors import AlproError
+from alpro.fileio import atomic_path, atomic_write
 
 # ----------------------------------------------------------------------------------------------------------------
 # The world: attribute vocabularies
@@ -504,12 +505,11 @@ def render_clip(scene: Scene, path: str | os.PathLike, *, seed: Sequence[int], n
                 size: tuple[int, int] = (160, 120)) -> None:
     """Write ``scene`` as an H.264 mp4 (libx264, yuv420p, constant ``fps``), byte-reproducible from ``seed``.
 
-    The file appears under its final name only when complete (written to ``path + '.tmp'``, then renamed).
+    The file appears under its final name only when complete (:func:`alpro.fileio.atomic_path`).
     """
     width, height = size
     rng = np.random.default_rng(list(seed))
-    tmp = f"{path}.tmp"
-    with av.open(tmp, "w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.thread_count = 1  # parallelism is per clip
@@ -521,7 +521,6 @@ def render_clip(scene: Scene, path: str | os.PathLike, *, seed: Sequence[int], n
         for frame in render_frames(scene, rng, width, height, num_frames):
             container.mux(stream.encode(av.VideoFrame.from_image(frame)))
         container.mux(stream.encode())
-    os.replace(tmp, path)
 
 
 def render_image(scene: Scene, path: str | os.PathLike, *, seed: Sequence[int], size: tuple[int, int] = (160, 120),
@@ -530,9 +529,8 @@ def render_image(scene: Scene, path: str | os.PathLike, *, seed: Sequence[int], 
     width, height = size
     rng = np.random.default_rng(list(seed))
     (frame,) = render_frames(scene, rng, width, height, 1)
-    tmp = f"{path}.tmp"
-    frame.save(tmp, format="JPEG", quality=quality)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.save(tmp, format="JPEG", quality=quality)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -572,8 +570,8 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         existing = list(out_dir.iterdir())
         if existing and not overwrite:
             raise AlproError(f"{out_dir} is not empty ({len(existing)} entries); pass --overwrite to replace the corpus")
-        for sub, pattern in (("videos", "clip_*.mp4*"), ("images", "img_*.jpg*")):
-            for f in (out_dir / sub).glob(pattern):
+        for sub, pattern in (("videos", "clip_*.mp4"), ("images", "img_*.jpg")):
+            for f in [*(out_dir / sub).glob(pattern), *(out_dir / sub).glob(f".{pattern}.*.tmp")]:
                 f.unlink()
         for name in _OUTPUTS:
             (out_dir / name).unlink(missing_ok=True)
@@ -584,12 +582,6 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise AlproError(f"cannot write to {out_dir}: {e.strerror or e}") from None
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def entity_counts(captions: Sequence[str]) -> list[tuple[str, int]]:
@@ -674,10 +666,10 @@ def generate(out_dir: str | os.PathLike, *, num_clips: int = 2000, num_images: i
                     bar.update()
 
     corpus = _corpus_info(records, seed=seed, fps=fps, size=size, num_clips=num_clips, num_images=num_images)
-    _write_text(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    atomic_write(out / "manifest.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     all_captions = [c for r in records for c in r["captions"]]
-    _write_text(out / "entities.txt", "".join(f"{w} {n}\n" for w, n in entity_counts(all_captions)))
-    _write_text(out / "corpus.json", json.dumps(corpus, indent=2) + "\n")
+    atomic_write(out / "entities.txt", "".join(f"{w} {n}\n" for w, n in entity_counts(all_captions)))
+    atomic_write(out / "corpus.json", json.dumps(corpus, indent=2) + "\n")
     corpus["seconds"] = round(time.perf_counter() - started, 1)
     return corpus
 

@@ -23,10 +23,12 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from alpro.fileio import atomic_write, named_oserror
+from alpro.shard_format import DALI_IDX_SUFFIX, stats_name
 
 __all__ = ["MTIME", "SampleRecord", "ShardWriter", "atomic_write", "json_bytes", "shard_is_complete",
            "dali_index_lines"]
@@ -34,36 +36,6 @@ __all__ = ["MTIME", "SampleRecord", "ShardWriter", "atomic_write", "json_bytes",
 MTIME = 946684800  # 2000-01-01T00:00:00Z: fixed member mtime, so tars depend on content only
 _MODE = 0o444
 _IDX_VERSION = "v1.2"  # the format DALI's wds2idx writes and fn.readers.webdataset(index_paths=...) reads
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and a rename: readers never see half a file.
-
-    The temporary name is unique (``.NAME.XXXX.tmp``), so nodes writing the same file at once (``build.json``
-    on a shared file system) never write into each other's temporary.
-    """
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise _named(e, path) from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shard sets are usually shared
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise _named(e, path) from e
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _named(e: OSError, path: Path) -> OSError:
-    """``e`` naming ``path`` (a failed ``write`` or ``fsync`` carries no file name of its own)."""
-    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def json_bytes(obj: Any, indent: int | None = None) -> bytes:
@@ -107,8 +79,8 @@ class ShardWriter:
     def __init__(self, out_dir: Path, stem: str) -> None:
         self.out_dir, self.stem = out_dir, stem
         self.tar_path = out_dir / f"{stem}.tar"
-        self.idx_path = out_dir / f"{stem}.idx"
-        self.stats_path = out_dir / f"{stem}_stats.json"
+        self.idx_path = out_dir / f"{stem}{DALI_IDX_SUFFIX}"
+        self.stats_path = out_dir / stats_name(stem)
         self._tmp = out_dir / f".{stem}.tar.tmp"
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
@@ -125,7 +97,7 @@ class ShardWriter:
             try:
                 self._tar.addfile(info, io.BytesIO(data))
             except OSError as e:
-                raise _named(e, self.tar_path) from e
+                raise named_oserror(e, self.tar_path) from e
             # After addfile, tar.offset is the end of the member's 512-padded data.
             data_offset = self._tar.offset - (len(data) + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
             rec.members.append((ext, data_offset, len(data), info.name))
@@ -151,7 +123,7 @@ class ShardWriter:
             size = self._tmp.stat().st_size
             os.replace(self._tmp, self.tar_path)
         except OSError as e:
-            raise _named(e, self.tar_path) from e
+            raise named_oserror(e, self.tar_path) from e
         atomic_write(self.idx_path, dali_index_lines(self.records).encode())
         stats = {"file": self.tar_path.name, "idx": self.idx_path.name, "bytes": size, **stats}
         atomic_write(self.stats_path, json_bytes(stats) + b"\n")
@@ -174,8 +146,8 @@ class ShardWriter:
 
 def shard_is_complete(out_dir: Path, stem: str) -> dict[str, Any] | None:
     """The stats of a finished shard, or ``None`` if any of tar / idx / stats is missing or disagrees."""
-    stats_path = out_dir / f"{stem}_stats.json"
-    tar_path, idx_path = out_dir / f"{stem}.tar", out_dir / f"{stem}.idx"
+    stats_path = out_dir / stats_name(stem)
+    tar_path, idx_path = out_dir / f"{stem}.tar", out_dir / f"{stem}{DALI_IDX_SUFFIX}"
     try:
         stats = json.loads(stats_path.read_text(encoding="utf-8"))
         if tar_path.stat().st_size != stats["bytes"] or not idx_path.is_file():

@@ -40,8 +40,8 @@ def test_counts_shards_manifest_and_text(tmp_path, capsys):
                                        "b.txt": "the square and the circle"})
     _tar(shards / "shard-000001.tar", {"c.txt": "a blue square"})
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"captions": ["a triangle", "the circle"]}) + "\n\n"
-                        + json.dumps({"caption": "one square"}) + "\n")
+    manifest.write_text(json.dumps({"video": "v/a.mp4", "captions": ["a triangle", "the circle"]}) + "\n\n"
+                        + json.dumps({"video": "v/b.mp4", "caption": "one square"}) + "\n")
     text = tmp_path / "caps.txt"
     text.write_text("a star\n\na star and a moon\n")
     out = tmp_path / "unigrams.txt"
@@ -67,15 +67,15 @@ def test_user_entity_list_is_checked_and_trimmed(tmp_path):
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"caption": "a dog"}\n{oops\n')
+    bad.write_text('{"video": "a.mp4", "caption": "a dog"}\n{oops\n')
     out = tmp_path / "u.txt"
     with pytest.raises(AlproError, match=r"bad.jsonl:2: invalid JSON"):
         main(["--manifest", str(bad), "--out", str(out)])
     with pytest.raises(AlproError, match="file not found"):
         main(["--text", str(tmp_path / "missing.txt"), "--out", str(out)])
-    with pytest.raises(AlproError, match="shard not found: .*none-0.tar"):
+    with pytest.raises(AlproError, match=r"--shards: no shard matches .*\(.*none-0.tar does not exist\)"):
         main(["--shards", str(tmp_path / "none-{0..1}.tar"), "--out", str(out)])
-    with pytest.raises(AlproError, match="no .tar shards"):
+    with pytest.raises(AlproError, match="--shards: no shards found"):
         main(["--shards", str(tmp_path), "--out", str(out)])
     with pytest.raises(AlproError, match="give captions"):
         main(["--out", str(out)])

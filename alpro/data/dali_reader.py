@@ -65,6 +65,7 @@ from alpro.data.shards import MEDIA_VIDEO, VIDEO_EXTS, Reader, SampleError, Shar
 from alpro.data.sources import task_sources
 from alpro.data.transforms import apply_op, normalize
 from alpro.errors import AlproError
+from alpro.shard_format import vinfo_frames
 
 LOG = logging.getLogger("alpro.data")
 _SEEDS = 1000  # purpose key of the DALI seeds, apart from the plan's purposes (plan.ORDER ...)
@@ -114,7 +115,7 @@ def _vlen(vinfo: np.ndarray) -> int:
     """Frame count of a ``.vinfo`` member (little-endian int32 x4: frames, width, height, fps*1000); -1 if absent.
     Read as bytes rather than with the reader's ``dtypes``: a malformed member must fail one sample, not the
     reader."""
-    return int(np.frombuffer(vinfo.tobytes()[:4], "<i4")[0]) if vinfo.size >= 16 else -1
+    return vinfo_frames(vinfo.tobytes())
 
 
 class _DrawItem:

@@ -36,11 +36,9 @@ from braceexpand import braceexpand
 
 from alpro.data.config import LimitsConfig
 from alpro.errors import AlproError
+from alpro.shard_format import FORMAT_TAG, IMAGE_EXTS, INDEX_NAME, VIDEO_EXTS
 
 LOG = logging.getLogger("alpro.data")
-INDEX_NAME = "index.json.zst"
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 MEDIA_VIDEO, MEDIA_IMAGE, MEDIA_UNKNOWN = 0, 1, 2
 _BLOCK = 512
 _MAX_RECORD = 1 << 16  # a GNU long name or PAX header record; real ones are a few hundred bytes
@@ -168,7 +166,7 @@ def _read_index(path: str) -> dict:
         data = json.loads(decompress_index(raw, path))
     except (OSError, ValueError) as e:
         raise AlproError(f"{path}: unreadable shard index ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != "alpro-shards" or not isinstance(data.get("shards"), list):
+    if not isinstance(data, dict) or data.get("format") != FORMAT_TAG or not isinstance(data.get("shards"), list):
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise AlproError(f"{path}: not an alpro shard index (format={found!r})")
     return data

@@ -20,15 +20,13 @@ word if all do. "a man in a red shirt is riding a horse" -> man, shirt, horse.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from alpro.errors import AlproError
+from alpro.fileio import atomic_write
 
 DETERMINERS = frozenset(
     "a an the this that these those his her their its my your our some many several few each every another "
@@ -94,44 +92,27 @@ def spacy_tagger(model: str | None = None):
 # -------------------------------------------------------------------------------------------------------- input
 
 
-def captions_from_shards(pattern: str) -> Iterator[str]:
-    """Captions from the ``.txt`` members (one caption per line) of a shard set: a brace pattern, a tar file
-    or a directory of tars."""
-    from braceexpand import braceexpand
+def captions_from_shards(spec: str) -> Iterator[str]:
+    """Captions of a shard set (whatever :func:`alpro.data.shards.resolve` accepts: a directory, its index, a
+    tar, a glob or brace pattern), read as the loader reads them (the metadata's captions, else the ``.txt``
+    lines). A sample that cannot be read is an error: a silently smaller count would change the list."""
+    from alpro.data.samples import captions_of, read_meta
+    from alpro.data.shards import SampleError, resolve
+    from alpro.data.sources import map_heads
 
-    path = Path(pattern)
-    files = sorted(path.glob("*.tar")) if path.is_dir() else [Path(p) for p in braceexpand(pattern)]
-    if not files:
-        raise AlproError(f"no .tar shards found at {pattern}")
-    for file in files:
-        if not file.is_file():
-            raise AlproError(f"shard not found: {file}")
-        try:
-            with tarfile.open(file) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(".txt"):
-                        yield from tar.extractfile(member).read().decode("utf-8").splitlines()
-        except (OSError, tarfile.TarError) as e:
-            raise AlproError(f"{file}: cannot read shard ({e})") from None
+    shardset = resolve(spec, "--shards")
+    for found in map_heads(shardset, lambda members: captions_of(read_meta(members), members)):
+        if isinstance(found, SampleError):
+            raise AlproError(f"--shards {spec}: a sample cannot be read ({found})")
+        yield from found
 
 
 def captions_from_manifest(path: Path) -> Iterator[str]:
-    """Captions from a JSONL manifest: a ``caption`` string and/or a ``captions`` list per line."""
-    with _open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AlproError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise AlproError(f"{path}:{n}: expected a JSON object")
-            caps = row.get("captions") or []
-            caps = [caps] if isinstance(caps, str) else list(caps)
-            if isinstance(row.get("caption"), str):
-                caps.append(row["caption"])
-            yield from (c for c in caps if isinstance(c, str))
+    """Captions of a manifest in any format the sharder reads (:func:`alpro.sharding.manifest.read_manifest`)."""
+    from alpro.sharding.manifest import read_manifest
+
+    for row in read_manifest(path).rows:
+        yield from (c for c in row.captions or [] if c.strip())
 
 
 def captions_from_text(path: Path) -> Iterator[str]:
@@ -178,17 +159,15 @@ def count_nouns(captions: Iterable[str], tagger=heuristic_nouns) -> Counter[str]
 
 
 def write_unigrams(counts: Iterable[tuple[str, int]], path: Path) -> None:
-    """Write ``word count`` lines atomically (temporary file, then rename)."""
+    """Write ``word count`` lines atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{w} {c}\n" for w, c in counts), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(f"{w} {c}\n" for w, c in counts))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="alpro entities", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", action="append", default=[], help="shard set: brace pattern, tar or directory")
-    ap.add_argument("--manifest", action="append", default=[], type=Path, help="JSONL with caption/captions")
+    ap.add_argument("--shards", action="append", default=[], help="shard set: directory, index, tar, glob or brace pattern")
+    ap.add_argument("--manifest", action="append", default=[], type=Path, help="manifest (any format alpro shard reads)")
     ap.add_argument("--text", action="append", default=[], type=Path, help="plain text, one caption per line")
     ap.add_argument("--entities", type=Path, help="use this 'word count' list instead of counting captions")
     ap.add_argument("--out", type=Path, required=True, help="output file (unigrams.txt format)")
