@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-TASKS: tuple[str, ...] = ("pretrain", "prompter", "retrieval", "qa")
-"""The data side's task vocabulary (which sources a task reads, which transforms it gets): its one definition."""
+from alpro.tasks import TASKS  # noqa: F401 -- re-exported: alpro.data.TASKS
+
 Sampling = Literal["rand", "headtail", "uniform", "uniform_legacy", "segment", "middle"]
 SAMPLINGS: tuple[str, ...] = ("rand", "headtail", "uniform", "uniform_legacy", "segment", "middle")
 

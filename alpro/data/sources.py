@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from alpro.data.config import TASKS, DataConfig
+from alpro.data.config import DataConfig
 from alpro.data.plan import ItemTable
 from alpro.data.samples import captions_of, count_subitems, qa_of, read_meta
 from alpro.data.shards import (
@@ -25,6 +25,7 @@ from alpro.data.shards import (
     stream_samples,
 )
 from alpro.errors import AlproError
+from alpro.tasks import TASKS
 
 LOG = logging.getLogger("alpro.data")
 LEFT_OUT = {"missing_text": "without caption/question", "truncated": "cut off by a truncated tar",

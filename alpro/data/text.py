@@ -18,14 +18,11 @@ import torch
 from transformers import BertTokenizerFast
 
 from alpro.errors import AlproError
+from alpro.tasks import IMAGE_TEMPLATES, VIDEO_TEMPLATES
 
-# The original's prompt templates (run_pretrain_sparse.py; paper Table 8): 12 per modality.
-VIDEO_PROMPT_TEMPLATES = [f"A {kind} of {art} {{}}." for kind in ("footage", "video", "portrait", "video footage")
-                          for art in ("a", "the", "one")]
-IMAGE_PROMPT_TEMPLATES = [
-    *(f"A {kind} of {art} {{}}." for kind in ("photo", "picture") for art in ("a", "the", "one")),
-    *(f"A good {kind} of {art} {{}}." for kind in ("photo", "picture") for art in ("the", "a", "one")),
-]
+# The original's prompt templates (paper Table 8), defined once in alpro.tasks; the data package's names for them.
+VIDEO_PROMPT_TEMPLATES = VIDEO_TEMPLATES
+IMAGE_PROMPT_TEMPLATES = IMAGE_TEMPLATES
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 _ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
 

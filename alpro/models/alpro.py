@@ -17,7 +17,7 @@ Shapes: B clips, L text tokens, P = patches per frame, D = hidden width, E = ``e
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -31,12 +31,10 @@ from alpro.models.checkpoint import LoadReport, load_checkpoint
 from alpro.models.config import ModelConfig
 from alpro.models.text_encoder import TextEncoder
 from alpro.models.video_encoder import VideoEncoder
+from alpro.tasks import TASKS, Task
 
 if TYPE_CHECKING:
     from alpro.models.prompter import Prompter
-
-Task = Literal["prompter", "pretrain", "retrieval", "qa"]
-TASKS: tuple[str, ...] = ("prompter", "pretrain", "retrieval", "qa")
 
 
 def mlp_head(width: int, scale: int, num_classes: int) -> nn.Sequential:

@@ -13,21 +13,9 @@ import torch.nn.functional as F
 from alpro.errors import AlproError
 from alpro.models.alpro import ALPRO
 from alpro.models.config import ModelConfig
+from alpro.tasks import IMAGE_TEMPLATES, VIDEO_TEMPLATES
 
-# Paper Table 8 (the original's get_video_prompt_templates / get_image_prompt_templates), in its order.
-VIDEO_TEMPLATES = (
-    "A footage of a {}.", "A footage of the {}.", "A footage of one {}.",
-    "A video of a {}.", "A video of the {}.", "A video of one {}.",
-    "A portrait of a {}.", "A portrait of the {}.", "A portrait of one {}.",
-    "A video footage of a {}.", "A video footage of the {}.", "A video footage of one {}.",
-)
-IMAGE_TEMPLATES = (
-    "A photo of a {}.", "A photo of the {}.", "A photo of one {}.",
-    "A picture of a {}.", "A picture of the {}.", "A picture of one {}.",
-    "A good photo of the {}.", "A good photo of a {}.", "A good photo of one {}.",
-    "A good picture of the {}.", "A good picture of a {}.", "A good picture of one {}.",
-)
-
+__all__ = ["Prompter", "VIDEO_TEMPLATES", "IMAGE_TEMPLATES"]
 
 class Prompter(ALPRO):
     """ALPRO with the text half of BERT only and VTC as its loss, holding ``video_prompt_feat`` /

@@ -19,8 +19,9 @@ import yaml
 from alpro.config import ConfigError, apply_overrides, from_dict, load_yaml, merge, to_dict
 from alpro.data import DataConfig
 from alpro.models import ModelConfig
+from alpro.tasks import Task
 
-Stage = Literal["prompter", "pretrain", "retrieval", "qa"]
+Stage = Task  # a stage trains the model for its task (alpro.tasks)
 
 
 @dataclass

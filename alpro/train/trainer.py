@@ -37,8 +37,6 @@ from alpro.train.checkpoint import (
 from alpro.train.config import RunConfig, dump_config
 from alpro.train.metrics import LOG, MetricLogger, format_duration, progress_line, setup_logging, truncate_metrics
 
-TASK_OF_STAGE = {"prompter": "prompter", "pretrain": "pretrain", "retrieval": "retrieval", "qa": "qa"}
-
 
 class NonFiniteError(AlproError):
     pass
@@ -66,7 +64,7 @@ class _Window:
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.task = TASK_OF_STAGE[cfg.stage]
+        self.task = cfg.stage  # a stage is its task (alpro.tasks)
         self.step = 0
         self.samples_seen = 0
         self.skipped = 0
