@@ -86,10 +86,11 @@ def test_report_plot_and_table(corpus, tmp_path):
     png = plot(report, tmp_path / "out" / "learned.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     retrieval = {"n_videos": 4.0, "chance_r1": 25.0, "chance_r5": 100.0, "chance_r10": 100.0,
-                 "lavis_t2v_r1": 50.0, "lavis_t2v_r5": 100.0, "lavis_t2v_r10": 100.0, "original_t2v_r1": 75.0}
+                 "lavis_t2v_r1": 50.0, "vtc_t2v_r1": 25.0, "lavis_t2v_r5": 100.0, "lavis_t2v_r10": 100.0, "original_t2v_r1": 75.0}
     table = results_table(retrieval, qa, report)
     assert "| video QA, 4 color questions | accuracy | 75.0 | 25.0 (chance), 25.0 (majority) | 3.0x chance |" in table
     assert "(4 clips, original protocol) | R@1 | 75.0 | 25.0 (chance) | 3.0x |" in table
+    assert "(4 clips, VTC alone, before re-ranking) | R@1 | 25.0 | 25.0 (chance) | 1.0x |" in table
 
 
 def test_unreadable_inputs_are_one_line_errors(tmp_path):
