@@ -10,11 +10,11 @@ interpolation when the checkpoint's grid or frame count differs from the model's
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,12 @@ from timm.layers import resample_abs_pos_embed
 
 from alpro.config import to_dict
 from alpro.errors import AlproError
+from alpro.fileio import atomic_path
 from alpro.models.text_encoder import TextEncoder
 from alpro.models.video_encoder import resize_pos_embed, resize_time_embed
+
+if TYPE_CHECKING:
+    from alpro.models.config import ModelConfig
 
 # Keys other code bases store that carry nothing we use, each with the reason it is dropped.
 IGNORED_KEYS: tuple[tuple[re.Pattern, str], ...] = (
@@ -358,25 +362,42 @@ def load_bert_weights(model: nn.Module, path: str | Path) -> LoadReport:
 # ----------------------------------------------------------------------------------------------------- saving
 
 
-def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model``'s weights (tied aliases once, contiguous, on CPU) to ``path`` atomically.
+def model_metadata(cfg: ModelConfig | dict | None, task: str | None) -> dict[str, str]:
+    """The metadata that lets a tool rebuild the model from a weights file alone: ``alpro_config`` (the model
+    config as JSON) and ``alpro_task``; either is left out when unknown."""
+    meta = {}
+    if cfg is not None:
+        meta["alpro_config"] = json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg))
+    if task is not None:
+        meta["alpro_task"] = str(task)
+    return meta
 
-    The model config and task go into the file's metadata (``alpro_config``, ``alpro_task``) so tools can
-    rebuild the model from the file alone.
-    """
+
+def write_safetensors(state: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> Path:
+    """The one safetensors writer. Tensors that share memory (tied weights: the MLM decoder = the word
+    embeddings) are stored once, under their first name, as :func:`load_checkpoint` expects (it re-ties by the
+    model's aliases); safetensors refuses shared tensors, and storing copies would double the tied matrix and
+    untie it on load. Contiguous, on CPU, written atomically."""
     path = Path(path)
-    aliases = _aliases(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
-    meta = dict(metadata or {})
-    if hasattr(model, "cfg"):
-        meta.setdefault("alpro_config", json.dumps(to_dict(model.cfg)))
-    if hasattr(model, "task"):
-        meta.setdefault("alpro_task", model.task)
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if tensor.numel() > 0 and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[key] = tensor.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=dict(metadata or {}))
     return path
+
+
+def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s weights to ``path`` (:func:`write_safetensors`), with its config and task in the
+    file's metadata (:func:`model_metadata`); ``metadata`` adds to them."""
+    meta = model_metadata(getattr(model, "cfg", None), getattr(model, "task", None))
+    return write_safetensors(model.state_dict(), path, {**meta, **(metadata or {})})
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -46,6 +46,7 @@ import torch
 
 from alpro.dist import barrier, get_rank
 from alpro.errors import AlproError
+from alpro.fileio import atomic_write
 
 TAG_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
@@ -340,7 +341,7 @@ class CheckpointManager:
                 _write_json(tmp / "trainer_state.json", trainer_state)
                 write_manifest(tmp)  # written last: marks completeness and records every file's size and hash
                 os.replace(tmp, self.dir / tag)
-                _atomic_write(self.dir / "latest", tag + "\n")
+                atomic_write(self.dir / "latest", tag + "\n")
                 self._prune()
         except (OSError, RuntimeError) as e:
             raise self._save_error(e, tmp, _state_bytes(engine)) from None
@@ -405,10 +406,4 @@ def load_engine_checkpoint(engine, ckpt: Path) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, json.dumps(data))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data))

@@ -1,7 +1,12 @@
 """Consolidate a (ZeRO-sharded) training checkpoint into one safetensors file: ``alpro export``.
 
     alpro export runs/pretrain/checkpoints/step-00001000 --out alpro_pretrain.safetensors
-    alpro export runs/pretrain            # newest checkpoint of a run -> runs/pretrain/final/model.safetensors
+    alpro export runs/pretrain            # newest checkpoint -> runs/pretrain/export/step-00001000.safetensors
+
+The file is written by the model's own writer (:func:`alpro.models.checkpoint.write_safetensors`): tied weights
+stored once, and the model config and task from the checkpoint's ``config.yaml`` in its metadata, as in
+``final/model.safetensors``. Without ``--out`` it goes to ``RUN/export/``, never over ``final/model.safetensors``
+(the trainer's file, which a later stage may be reading): replacing that takes ``--out`` naming it.
 
 ZeRO stages 1-3 keep the fp32 master weights partitioned across ranks; DeepSpeed's
 ``get_fp32_state_dict_from_zero_checkpoint`` re-assembles them (frozen parameters and buffers included). ZeRO-0
@@ -27,6 +32,7 @@ import torch
 import yaml
 
 from alpro.errors import AlproError
+from alpro.models.checkpoint import write_safetensors
 from alpro.train.checkpoint import (
     newest_intact,
     restricted_unpickling,
@@ -60,7 +66,7 @@ def consolidated_state_dict(ckpt: Path, verify: bool = True) -> dict[str, torch.
             module = states.get("module") if isinstance(states, dict) else None
             if not isinstance(module, dict):
                 raise AlproError(f"{ckpt / 'mp_rank_00_model_states.pt'}: no 'module' state dict in it")
-            state = {k: v.float() if v.is_floating_point() else v for k, v in module.items()}
+            state = _fp32(module)
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -71,14 +77,34 @@ def consolidated_state_dict(ckpt: Path, verify: bool = True) -> dict[str, torch.
     return state
 
 
-def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """safetensors refuses tensors that share memory (tied MLM decoder / word embeddings): store copies."""
-    from safetensors.torch import save_file
+def _fp32(module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors as fp32, one copy per shared storage, so tied weights stay tied (and are written once)."""
+    cast: dict[int, torch.Tensor] = {}
+    out = {}
+    for key, v in module.items():
+        if not v.is_floating_point():
+            out[key] = v
+        elif v.numel() == 0:
+            out[key] = v.float()
+        else:
+            out[key] = cast.setdefault(v.data_ptr(), v.float())
+    return out
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp), metadata=metadata or {})
-    tmp.replace(path)
+
+def checkpoint_metadata(ckpt: Path) -> dict[str, str]:
+    """``alpro_config`` / ``alpro_task`` / ``stage`` from the checkpoint's ``config.yaml`` (the run's resolved
+    config), as the trainer's ``final/model.safetensors`` carries them; nothing when it names no model."""
+    from alpro.models.checkpoint import model_metadata
+    from alpro.train.config import load_run_config
+
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        return {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or "model" not in raw:
+        return {}
+    cfg = load_run_config(path)
+    return {**model_metadata(cfg.model, cfg.stage), "stage": cfg.stage}
 
 
 def export_final(ckpt: Path, final_dir: Path, cfg, task: str, tokenizer, answer_vocab: dict[str, Any] | None,
@@ -108,7 +134,8 @@ def export_final(ckpt: Path, final_dir: Path, cfg, task: str, tokenizer, answer_
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="alpro export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", type=Path, help="a checkpoint directory (checkpoints/step-N) or a run directory")
-    p.add_argument("--out", type=Path, default=None, help="output .safetensors (default RUN/final/model.safetensors)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output .safetensors (default RUN/export/step-N.safetensors; never final/ unless named here)")
     args = p.parse_args(argv)
     ckpt = args.checkpoint
     if (ckpt / "checkpoints").is_dir():
@@ -118,14 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             LOG.warning(warning)
         if found is None:
             raise AlproError(f"{ckpt}: no complete checkpoint under checkpoints/")
-        out = args.out or ckpt / "final" / "model.safetensors"
-        ckpt = found
+        run, ckpt = ckpt, found
     else:
         if not ckpt.is_dir():
             raise AlproError(f"{ckpt}: no such checkpoint directory")
-        out = args.out or ckpt.parent.parent / "final" / "model.safetensors"
+        run = ckpt.parent.parent
+    out = args.out or run / "export" / f"{ckpt.name}.safetensors"
     state = consolidated_state_dict(ckpt, verify=ckpt is args.checkpoint)
-    save_state_dict(state, out, {"format": "alpro", "source": str(ckpt)})
+    write_safetensors(state, out, {**checkpoint_metadata(ckpt), "format": "alpro", "source": str(ckpt)})
     n = sum(v.numel() for v in state.values())
     print(f"wrote {out} ({len(state)} tensors, {n / 1e6:.2f}M values) from {ckpt}")
     return 0
