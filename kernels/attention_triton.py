@@ -152,13 +152,34 @@ def _load_frame_rows(CLS, PATCH, stride_cls_t, stride_patch_l, pos, t, T, S, col
 
 
 @triton.jit
+def _spatial_fwd_step(q, qkv, start_n, t, T, S, C, col, d_ok, stride_qkv_l, qk_scale, m_i, l_i, acc,
+                      WIDTH: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile of ``WIDTH`` columns of the online softmax (the tail-tile variant's body)."""
+    offs_n = start_n + tl.arange(0, WIDTH)
+    kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
+    kv = qkv + _frame_rows(offs_n, t, T)[:, None] * stride_qkv_l + col
+    k = tl.load(kv + C, mask=kv_mask, other=0.0).to(MM_DTYPE)
+    v = tl.load(kv + 2 * C, mask=kv_mask, other=0.0).to(MM_DTYPE)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where((offs_n < S)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(MM_DTYPE), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _spatial_fwd_kernel(
     QKV, CLS_O, PATCH_O, LSE,
     stride_qkv_b, stride_qkv_l, stride_cls_b, stride_cls_t, stride_patch_b, stride_patch_l,
     T, S, C, H, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    MM_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_N: tl.constexpr = 0,
 ):  # fmt: skip
+    """TAIL_N = 0: key tiles of BLOCK_N up to S (the last one masked). TAIL_N > 0 (opt-in, ``set_tail_tiles``):
+    whole BLOCK_N tiles, then the remainder in narrower TAIL_N tiles (197 keys at 64: 192 + 16, not 256)."""
     m_tiles = tl.cdiv(S, BLOCK_M)
     pid = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -179,20 +200,29 @@ def _spatial_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    for start_n in range(0, S, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
-        kv = qkv + _frame_rows(offs_n, t, T)[:, None] * stride_qkv_l + col
-        k = tl.load(kv + C, mask=kv_mask, other=0.0).to(MM_DTYPE)
-        v = tl.load(kv + 2 * C, mask=kv_mask, other=0.0).to(MM_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where((offs_n < S)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile always holds the CLS key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(MM_DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
+    if TAIL_N == 0:
+        for start_n in range(0, S, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
+            kv = qkv + _frame_rows(offs_n, t, T)[:, None] * stride_qkv_l + col
+            k = tl.load(kv + C, mask=kv_mask, other=0.0).to(MM_DTYPE)
+            v = tl.load(kv + 2 * C, mask=kv_mask, other=0.0).to(MM_DTYPE)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            s = tl.where((offs_n < S)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile always holds the CLS key
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(MM_DTYPE), v, input_precision=PRECISION)
+            m_i = m_new
+    else:
+        s_full = (S // BLOCK_N) * BLOCK_N
+        for start_n in range(0, s_full, BLOCK_N):
+            m_i, l_i, acc = _spatial_fwd_step(q, qkv, start_n, t, T, S, C, col, d_ok, stride_qkv_l, qk_scale, m_i,
+                                              l_i, acc, BLOCK_N, MM_DTYPE, PRECISION)  # fmt: skip
+        for start_n in range(s_full, S, TAIL_N):  # the first tile processed holds the CLS key either way
+            m_i, l_i, acc = _spatial_fwd_step(q, qkv, start_n, t, T, S, C, col, d_ok, stride_qkv_l, qk_scale, m_i,
+                                              l_i, acc, TAIL_N, MM_DTYPE, PRECISION)  # fmt: skip
 
     o = (acc / l_i[:, None]).to(CLS_O.dtype.element_ty)
     is_cls = (offs_m == 0)[:, None] & d_ok[None, :]
@@ -453,6 +483,24 @@ KERNELS = {
 }
 
 
+# Narrower tail tiles for the spatial forward (opt-in): at 197 tokens a 64-wide key loop computes 256 columns for
+# 197 keys; with TAIL_N = 16 it computes 192 + 16 = 208 (19 % fewer forward scores at 64 x 64). Default 0 (the
+# simpler single loop) until a GPU measures it: gpu_check checks and times both (`triton_tail`).
+_TAIL_N = 0
+
+
+def set_tail_tiles(width: int) -> None:
+    """0 (default: off) or the tail tile width, a power of two >= 16 (``tl.dot`` needs tiles of at least 16)."""
+    global _TAIL_N
+    if width != 0 and (width < 16 or width & (width - 1)):
+        raise ValueError(f"tail tile width must be 0 or a power of two >= 16, got {width}")
+    _TAIL_N = width
+
+
+def get_tail_tiles() -> int:
+    return _TAIL_N
+
+
 def _interpreter_block(n: int) -> int:
     """The one tile size used under the interpreter: the smallest power of two >= n that tl.dot accepts."""
     return max(16, triton.next_power_of_2(n))
@@ -577,9 +625,13 @@ def spatial_forward(
     args = (qkv, cls_out, patch_out, lse, qkv.stride(0), qkv.stride(1), cls_out.stride(0), cls_out.stride(1),
             patch_out.stride(0), patch_out.stride(1), T, S, C, num_heads, scale)  # fmt: skip
     block = min(64, _interpreter_block(S))
+    meta = _meta(qkv, num_heads)
+    # Not for IEEE fp32 on GPUs: there the tail variant's 32 x 32 tile spills (216 B on sm_80, compile_check).
+    ieee = width_class(meta["BLOCK_D"], meta["MM_DTYPE"], meta["PRECISION"]) == "ieee" and not interpreting()
+    meta["TAIL_N"] = 0 if ieee else _TAIL_N
     with device_guard(qkv):
-        _launch("spatial_fwd", grid, args, _meta(qkv, num_heads), {"BLOCK_M": block, "BLOCK_N": block},
-                device_arch(qkv), deterministic)  # fmt: skip
+        _launch("spatial_fwd", grid, args, meta, {"BLOCK_M": block, "BLOCK_N": block}, device_arch(qkv),
+                deterministic)  # fmt: skip
     return cls_out, patch_out, lse
 
 

@@ -86,6 +86,12 @@ def _capture_attention(dtype: torch.dtype, head_dim: int) -> None:
     att.temporal_backward(_meta_tensor(B, N * T, C, dtype=dtype), qkv_t, T, H, scale)
     qkv_s = _meta_tensor(B, 1 + N * T, 3 * C, dtype=dtype)
     cls_out, patch_out, lse = att.spatial_forward(qkv_s, T, H, scale)
+    previous = att.get_tail_tiles()
+    try:  # the opt-in narrower tail tiles of the forward
+        att.set_tail_tiles(16)
+        att.spatial_forward(qkv_s, T, H, scale)
+    finally:
+        att.set_tail_tiles(previous)
     for deterministic in (True, False):
         att.spatial_backward(torch.empty_like(cls_out), torch.empty_like(patch_out), qkv_s, cls_out, patch_out, lse,
                              T, H, scale, deterministic)  # fmt: skip
@@ -187,7 +193,8 @@ def fits(res: Resources, arch: int) -> bool:
 
 def describe(job: Job) -> str:
     meta = dict(job.meta)
-    dims = ",".join(f"{k}={v}" for k, v in job.meta if k in ("HEAD_DIM", "D", "ATOMIC_DQ", "COMPUTE_DQ"))
+    dims = ",".join(f"{k}={v}" for k, v in job.meta if k in ("HEAD_DIM", "D", "ATOMIC_DQ", "COMPUTE_DQ")
+                    or (k == "TAIL_N" and v))  # fmt: skip
     precision = f",{meta['PRECISION']}" if job.dtype == torch.float32 else ""
     return f"{job.name}[{ts.describe_config(job.config)},{_TL_NAME[job.dtype]}{precision},{dims}]"
 

@@ -41,9 +41,20 @@ def _attention(op: str, qkv: torch.Tensor, T: int, H: int, backend: str, grads, 
 
 def attention_numerics(
     op: str, B: int, N: int, T: int, H: int, Dh: int, dtype: str, deterministic: bool | None = None,
-    strided: bool = False, seed: int = 0,
+    strided: bool = False, seed: int = 0, tail: int = 0,
 ) -> dict:  # fmt: skip
-    """Triton (interpreted) vs fp64 reference, forward and backward; ``strided`` feeds a non-contiguous qkv."""
+    """Triton (interpreted) vs fp64 reference, forward and backward; ``strided`` feeds a non-contiguous qkv;
+    ``tail`` > 0 runs the spatial forward's opt-in narrower tail tiles."""
+    from alpro.kernels import attention_triton
+
+    attention_triton.set_tail_tiles(tail)
+    try:
+        return _attention_numerics(op, B, N, T, H, Dh, dtype, deterministic, strided, seed)
+    finally:
+        attention_triton.set_tail_tiles(0)
+
+
+def _attention_numerics(op, B, N, T, H, Dh, dtype, deterministic, strided, seed) -> dict:
     dt = DTYPES[dtype]
     g = torch.Generator().manual_seed(seed)
     C = H * Dh

@@ -22,7 +22,7 @@ def smoke(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("gpu_check_work")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the script must set it itself
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out),
-                           "--work", str(work)], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+                           "--work", str(work)], capture_output=True, text=True, env=env, timeout=800)  # fmt: skip
     return proc, out
 
 
@@ -49,6 +49,8 @@ def test_smoke_covers_every_kernel_dtype_and_shipped_config(smoke):
             assert any(r["case"].startswith(op) and f" {dtype} " in r["case"] for r in numerics), (op, dtype)
         assert any(r["case"].startswith("contrastive") and f" {dtype} " in r["case"] and "column split 3" in r["case"]
                    for r in numerics), dtype  # fmt: skip
+        assert any(r["case"].startswith("spatial") and f" {dtype} " in r["case"] and "tail tiles 16" in r["case"]
+                   for r in numerics), dtype  # fmt: skip
     forced = {r["case"].rsplit(" ", 1)[1] for r in numerics if "=BLOCK_M=" in r["case"]}
     from alpro.kernels import attention_triton as att
     from alpro.kernels import contrastive_triton as ctr
@@ -65,7 +67,8 @@ def test_smoke_speed_dali_and_train_rows(smoke):
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]
     speed = [r for r in rows if r["section"] == "speed"]
     providers = {r["provider"] for r in speed if r["status"] == "PASS"}
-    assert {"naive", "sdpa_raw", "sdpa", "triton", "triton_det", "reference", "chunked", "triton_split"} <= providers
+    assert {"naive", "sdpa_raw", "sdpa", "triton", "triton_det", "reference", "chunked", "triton_split",
+            "triton_tail"} <= providers
     assert all(r["ms_p50"] > 0 for r in speed if r["status"] == "PASS")
     (dali,) = [r for r in rows if r["section"] == "dali"]
     assert dali["status"] == "PASS" and dali["psnr_luma_db"] >= 40 and dali["clips"] == 4

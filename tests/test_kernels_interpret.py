@@ -70,6 +70,16 @@ def test_attention_matches_reference(interp, op, B, N, T, H, Dh, dtype, determin
     assert_fa_rule(res["errors"], dtype)
 
 
+@pytest.mark.parametrize("tail,dtype,det", [(16, "fp32", False), (16, "bf16", True), (32, "fp16", False)])
+def test_spatial_tail_tiles_match_reference(interp, tail, dtype, det):
+    """The opt-in narrower tail tiles of the spatial forward: 1 + 52 x 2 = 105 keys, i.e. one whole 64-wide tile
+    and 41 keys left for 3 tiles of 16 (or 2 of 32); the backward runs on the forward's log-sum-exps."""
+    res = interp.run("attention_numerics", op="spatial", B=1, N=52, T=2, H=1, Dh=32, dtype=dtype,
+                     deterministic=det, tail=tail)  # fmt: skip
+    assert res["layout_ok"]
+    assert_fa_rule(res["errors"], dtype)
+
+
 @pytest.mark.parametrize("op", ["temporal", "spatial"])
 def test_attention_reads_strided_qkv(interp, op):
     """A qkv view with a batch stride larger than rows x 3C (e.g. a slice of a longer sequence)."""
