@@ -59,6 +59,55 @@ class OptimConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """DeepSpeed's own knobs: the settings DeepSpeed acts on and the trainer does not (bucket sizes, overlap, the
+    fp16 loss scaler). :func:`alpro.train.runtime.build_ds_config` generates the DeepSpeed JSON from these and the
+    fields the trainer owns (``train.zero_stage``, ``train.precision``, ``train.grad_accum``, ``optim.grad_clip``,
+    ``data.batch_size``). The defaults are the ones ``launch/ds_configs/zero{0,1,2,3}.json`` held; the ZeRO keys go
+    into the JSON only for the stages that read them (stage-3 keys for ZeRO-3, ``allgather_bucket_size`` and
+    ``reduce_scatter`` for ZeRO-1/2), as those files did."""
+
+    overlap_comm: bool = False
+    """ZeRO 1-3: overlap gradient reduction with the backward pass (more memory for buckets)."""
+    contiguous_gradients: bool = True
+    """ZeRO 1-3: copy gradients into one contiguous buffer as they are produced (less fragmentation)."""
+    reduce_scatter: bool = True
+    """ZeRO 1-2: average gradients with reduce-scatter rather than all-reduce."""
+    reduce_bucket_size: int = 200_000_000
+    """ZeRO 1-3: elements reduced at a time."""
+    allgather_bucket_size: int = 200_000_000
+    """ZeRO 1-2: elements all-gathered at a time."""
+    stage3_prefetch_bucket_size: int = 50_000_000
+    """ZeRO-3: elements of parameters fetched ahead of use."""
+    stage3_param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters below this many elements stay unpartitioned."""
+    stage3_gather_16bit_weights_on_model_save: bool = True
+    """ZeRO-3: gather the full 16-bit weights when the engine saves the model."""
+    loss_scale: float = 0.0
+    """fp16 only: static loss scale; 0 = dynamic loss scaling."""
+    initial_scale_power: int = 16
+    """fp16 dynamic scaling: the first scale is 2**initial_scale_power."""
+    loss_scale_window: int = 1000
+    """fp16 dynamic scaling: steps without overflow before the scale grows."""
+    hysteresis: int = 2
+    """fp16 dynamic scaling: overflows tolerated before the scale shrinks."""
+    min_loss_scale: float = 1.0
+    """fp16 dynamic scaling: the scale never goes below this."""
+    wall_clock_breakdown: bool = False
+    """DeepSpeed's per-phase timers in its own log (forward, backward, step)."""
+
+    def __post_init__(self) -> None:
+        sizes = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size", "loss_scale_window")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stage3_param_persistence_threshold < 0 or self.hysteresis < 1 or self.loss_scale < 0:
+            raise ValueError("stage3_param_persistence_threshold and loss_scale must be >= 0, hysteresis >= 1")
+        if self.min_loss_scale <= 0:
+            raise ValueError(f"min_loss_scale must be > 0, got {self.min_loss_scale}")
+
+
+@dataclass
 class TrainConfig:
     run_dir: Path = Path("runs/default")
     """Run directory: config.yaml, train.log, metrics.jsonl, tb/, plots/, checkpoints/, final/."""
@@ -70,12 +119,20 @@ class TrainConfig:
     steps: int | None = None
     """Number of optimizer steps; overrides ``epochs``."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step (DeepSpeed's ``gradient_accumulation_steps``)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """DeepSpeed's ``bf16`` / ``fp16`` sections (fp32 master weights in both)."""
     tf32: bool = False
     """With fp32: run fp32 matmuls and convolutions (cuBLAS, cuDNN, the Triton kernels) on TF32 tensor cores.
     Off reproduces the original's IEEE fp32 maths; GPU recipes train in bf16 (DeepSpeed bf16, fp32 master weights)."""
     zero_stage: int = 2
-    ds_config: Path | None = Path("launch/ds_configs/zero2.json")
+    """ZeRO stage 0-3 (DeepSpeed's ``zero_optimization.stage``). At 0 the trainer clips the gradients itself."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed's own settings; the DeepSpeed JSON is generated from them and the fields above."""
+    ds_config: Path | None = None
+    """Optional user DeepSpeed JSON (e.g. ``launch/ds_configs/example.json``): every key it sets wins over the
+    generated one, except the keys the trainer acts on itself (batch sizes, accumulation, clipping, ZeRO stage,
+    bf16/fp16 ``enabled``), which must agree with the run config; ``optimizer`` / ``scheduler`` are refused."""
     grad_checkpointing: bool = False
     log_interval: int = 10
     save_interval: int = 0

@@ -13,12 +13,15 @@ import random
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from alpro.errors import ConfigError
+
+if TYPE_CHECKING:
+    from alpro.train.config import DeepSpeedConfig
 
 LOG = logging.getLogger("alpro")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +100,83 @@ def param_groups(model: torch.nn.Module, weight_decay: float, exclude: set[str])
     return groups
 
 
+# The DeepSpeed keys the trainer acts on itself, and the run-config field each comes from: the loader makes the
+# batches, the trainer clips at ZeRO-0 and reads the stage, the model runs in train.precision. A user JSON may
+# repeat them only with the same value (another would be silently at odds with what the trainer does).
+TRAINER_OWNED = {
+    ("train_micro_batch_size_per_gpu",): "data.batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("train_batch_size",): "data.batch_size x train.grad_accum x world size",
+    ("gradient_clipping",): "optim.grad_clip (0 at ZeRO-0, where the trainer clips)",
+    ("zero_optimization", "stage"): "train.zero_stage",
+    ("bf16", "enabled"): "train.precision",
+    ("fp16", "enabled"): "train.precision",
+}
+
+
+def generate_ds_config(
+    settings: DeepSpeedConfig,
+    *,
+    micro_batch: int,
+    grad_accum: int,
+    world_size: int,
+    grad_clip: float,
+    precision: str,
+    zero_stage: int,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON from typed fields alone (``train.deepspeed`` and the fields the trainer owns).
+
+    Each ZeRO key goes in only for the stages that read it, as the former ``launch/ds_configs/zero{0..3}.json``
+    did. Note DeepSpeed 0.19 defaults ``gradient_clipping`` to 1.0: it is always set (0 = off)."""
+    s = settings
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage >= 1:
+        zero.update(contiguous_gradients=s.contiguous_gradients, overlap_comm=s.overlap_comm)
+    if zero_stage in (1, 2):
+        zero.update(reduce_scatter=s.reduce_scatter, reduce_bucket_size=s.reduce_bucket_size,
+                    allgather_bucket_size=s.allgather_bucket_size)
+    if zero_stage == 3:
+        zero.update(reduce_bucket_size=s.reduce_bucket_size,
+                    stage3_prefetch_bucket_size=s.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=s.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=s.stage3_gather_16bit_weights_on_model_save)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        # ZeRO-0: the trainer clips (DeepSpeed's stage-0 clipping breaks on 0-d parameters); else DeepSpeed does.
+        "gradient_clipping": float(grad_clip) if zero_stage > 0 else 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a client torch AdamW (no JIT-built fused Adam)
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": s.loss_scale,
+                 "initial_scale_power": s.initial_scale_power, "loss_scale_window": s.loss_scale_window,
+                 "hysteresis": s.hysteresis, "min_loss_scale": s.min_loss_scale},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": s.wall_clock_breakdown,
+    }
+
+
+def read_user_ds_config(path: Path) -> dict[str, Any]:
+    """A user's DeepSpeed JSON (``train.ds_config``), relative to the working directory or else the source tree."""
+    found = path if path.is_absolute() or path.exists() else REPO_ROOT / path
+    if not found.is_file():
+        raise ConfigError(f"train.ds_config: DeepSpeed config not found: {path}")
+    try:
+        data = json.loads(found.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{found}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{found}: cannot read ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{found}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("optimizer", "scheduler"):
+        if key in data:
+            raise ConfigError(f"{found}: remove '{key}': the trainer passes AdamW and the LR schedule itself")
+    return data
+
+
 def build_ds_config(
     template: Path | None,
     *,
@@ -106,38 +186,35 @@ def build_ds_config(
     grad_clip: float,
     precision: str,
     zero_stage: int,
+    settings: DeepSpeedConfig | None = None,
 ) -> dict[str, Any]:
-    """DeepSpeed config: the JSON template under ``launch/ds_configs/`` with the run config's values on top.
+    """DeepSpeed config: :func:`generate_ds_config`, with the user's JSON ``template`` (``train.ds_config``, optional)
+    merged on top key by key. The user's keys win, except those in :data:`TRAINER_OWNED`, which must agree with
+    the run config (one line naming the field to set otherwise)."""
+    from alpro.config import merge
+    from alpro.train.config import DeepSpeedConfig
 
-    Batch sizes, clipping, precision and ZeRO stage always come from the run config so there is one source of
-    truth. Note DeepSpeed 0.19 defaults ``gradient_clipping`` to 1.0: we always set it (0 = off).
-    """
-    ds: dict[str, Any] = {}
-    if template is not None:
-        path = template if template.is_absolute() or template.exists() else REPO_ROOT / template
-        if not path.is_file():
-            raise ConfigError(f"DeepSpeed config not found: {template}")
-        try:
-            ds = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{template}: remove '{key}': the trainer passes AdamW and the LR schedule itself")
-    ds["train_micro_batch_size_per_gpu"] = micro_batch
-    ds["gradient_accumulation_steps"] = grad_accum
-    ds["train_batch_size"] = micro_batch * grad_accum * world_size
-    # ZeRO-0: the trainer clips (DeepSpeed's stage-0 clipping breaks on 0-d parameters); else DeepSpeed does.
-    ds["gradient_clipping"] = float(grad_clip) if zero_stage > 0 else 0.0
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": precision == "fp16"}
-    zero = dict(ds.get("zero_optimization", {}))
-    zero["stage"] = zero_stage
-    ds["zero_optimization"] = zero
-    ds.setdefault("zero_allow_untested_optimizer", True)  # a client torch AdamW (no JIT-built fused Adam)
-    ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
+    ds = generate_ds_config(settings or DeepSpeedConfig(), micro_batch=micro_batch, grad_accum=grad_accum,
+                            world_size=world_size, grad_clip=grad_clip, precision=precision, zero_stage=zero_stage)
+    if template is None:
+        return ds
+    user = read_user_ds_config(Path(template))
+    for keys, owner in TRAINER_OWNED.items():
+        node: Any = user
+        for key in keys:
+            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is _ABSENT:
+            continue
+        want: Any = ds
+        for key in keys:
+            want = want[key]
+        if node != want or type(node) is bool is not type(want):
+            raise ConfigError(f"{template}: '{'.'.join(keys)}' is {json.dumps(node)} but the run config gives "
+                              f"{json.dumps(want)}: set {owner} instead (or remove the key)")
+    return merge(ds, user)
+
+
+_ABSENT = object()
 
 
 def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, ds_config: dict[str, Any]):
