@@ -1,28 +1,24 @@
-"""Session-wide test shards for the loader tests: a few tiny H.264 / VP9 clips and JPEG images, built once.
+"""Shard builders for the data tests: a few tiny H.264 / VP9 clips and JPEG images, and hand-written shards.
 
-:func:`shared_corpus` shards them with the real sharder once per test session (module-level cache), so the
-loader is always tested against what ``alpro shard`` writes. :func:`write_shards` hand-writes shards in the same
+:func:`make_corpus` shards clips with the real sharder (``alpro shard`` through :func:`cli_helpers.run_cli`, the
+one way tests run the sharder), so the loader is always tested against what ``alpro shard`` writes; the session
+fixture ``loader_shards`` in ``conftest.py`` builds it once. :func:`write_shards` hand-writes shards in the same
 format for the samples the sharder refuses to write (corrupt, truncated, lying metadata): the loader must
 survive those when they come from other tools or from disk corruption.
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
 import io
 import json
-import shutil
 import struct
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 import media_factory as mf
 import numpy as np
 import zstandard
+from cli_helpers import run_cli
 
 from alpro.data.decode import probe
 
@@ -107,23 +103,11 @@ def make_corpus(root: Path, n_video: int = 8, n_image: int = 4, codec: str = "h2
 
 
 def _shard(manifest: Path, out: Path, *args: str) -> None:
-    cmd = [sys.executable, "-m", "alpro.sharding.shard", str(manifest), str(out), "--shard-size", "3",
-           "--no-progress", *args]
-    subprocess.run(cmd, check=True, capture_output=True)
+    run_cli("shard", str(manifest), str(out), "--shard-size", "3", "--no-progress", *args)
 
 
 def frames_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and bool((a == b).all())
-
-
-@functools.cache
-def shared_corpus() -> dict[str, Path]:
-    """{'video', 'image', 'vp9'} shard directories shared by every loader test of the session."""
-    root = Path(tempfile.mkdtemp(prefix="alpro-loader-tests-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    video, image = make_corpus(root / "h264", n_video=8, n_image=5, qa=True)
-    vp9, _ = make_corpus(root / "vp9", n_video=4, n_image=0, codec="vp9")
-    return {"video": video, "image": image, "vp9": vp9, "root": root}
 
 
 def write_foreign(out: Path, clips: list[Path], per_shard: int = 3) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from data_fixtures import shared_corpus
 
 from alpro.config import from_dict
 from alpro.data import (
@@ -25,8 +24,8 @@ from alpro.errors import AlproError
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return shared_corpus()
+def corpus(loader_shards):
+    return loader_shards
 
 
 def make_cfg(corpus, **kw) -> DataConfig:

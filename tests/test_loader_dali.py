@@ -5,7 +5,7 @@ from __future__ import annotations
 import media_factory as mf
 import pytest
 import torch
-from data_fixtures import shared_corpus, write_shards
+from data_fixtures import write_shards
 
 from alpro.config import from_dict
 from alpro.data import CLIP_STD, DataConfig, build_eval_loader, build_tokenizer, build_train_loader
@@ -37,8 +37,8 @@ def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("task,split", [("retrieval", "val"), ("pretrain", "train")])
-def test_dali_and_pyav_give_the_same_batches(tok, task, split):
-    vp9 = shared_corpus()["vp9"]
+def test_dali_and_pyav_give_the_same_batches(loader_shards, tok, task, split):
+    vp9 = loader_shards["vp9"]
     batches = {}
     for decoder in ("pyav", "dali"):
         cfg = _cfg(vp9, decoder)
@@ -55,9 +55,9 @@ def test_dali_and_pyav_give_the_same_batches(tok, task, split):
             assert torch.equal(a.pem_box, b.pem_box) and torch.equal(a.mlm_input_ids, b.mlm_input_ids)
 
 
-def test_dali_on_cpu_refuses_h264_up_front(tok):
+def test_dali_on_cpu_refuses_h264_up_front(loader_shards, tok):
     with pytest.raises(AlproError, match="cannot be decoded by DALI on the CPU"):
-        list(build_eval_loader(_cfg(shared_corpus()["video"], "dali"), "retrieval", tok, 0, 1))
+        list(build_eval_loader(_cfg(loader_shards["video"], "dali"), "retrieval", tok, 0, 1))
 
 
 def test_auto_picks_pyav_without_a_gpu():

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import REPO
-from data_fixtures import make_corpus, shared_corpus
 
 from alpro.config import from_dict
 from alpro.data import (
@@ -41,8 +40,8 @@ KEYS = ["v000", "v001", "v002", "v003"]  # the shared VP9 set, in shard order
 
 
 @pytest.fixture(scope="module")
-def vp9() -> Path:
-    return shared_corpus()["vp9"]
+def vp9(loader_shards) -> Path:
+    return loader_shards["vp9"]
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +103,9 @@ def test_pretraining_batches_have_every_field(vp9, tok):
     assert metrics["clips_per_s"] > 0 and metrics["skipped"] == 0 and metrics["decoded_per_delivered"] >= 1
 
 
-def test_retrieval_and_qa_training_batches(tmp_path_factory, tok):
+def test_retrieval_and_qa_training_batches(vp9, tok):
     """One item per clip: a random caption (retrieval) or question (QA) each time the clip comes round."""
-    shards, _ = make_corpus(tmp_path_factory.mktemp("vp9qa"), n_video=4, n_image=0, codec="vp9", qa=True)
+    shards = vp9
     vocab = build_answer_vocab(str(shards))
     for task in ("retrieval", "qa"):
         loader = build_train_loader(_cfg(shards), task, tok, 0, 1, seed=2, answer_vocab=vocab)
@@ -216,8 +215,8 @@ def test_a_corrupt_clip_in_evaluation_is_marked_invalid(vp9, tok, tmp_path):
     assert metrics["skipped/decode_error"] == 1 and metrics["skipped/dali_batch_retries"] == 1
 
 
-def test_image_batches_mix_in_with_the_plan_loaders_choice(vp9, tok):
-    images = shared_corpus()["image"]
+def test_image_batches_mix_in_with_the_plan_loaders_choice(vp9, loader_shards, tok):
+    images = loader_shards["image"]
     loader = build_train_loader(_cfg(vp9, train={"image": str(images)}), "prompter", tok, 0, 1, seed=11)
     assert len(loader) == 2 + 2  # video 4 // 2, images 5 // 2
     for step, batch in enumerate(loader):
@@ -225,10 +224,10 @@ def test_image_batches_mix_in_with_the_plan_loaders_choice(vp9, tok):
         assert batch.video.shape == (2, 3, 4, 32, 32) and batch.mlm_labels is None and batch.pem_box is None
 
 
-def test_a_mixed_state_with_its_image_position_resumes_exactly(vp9, tok):
+def test_a_mixed_state_with_its_image_position_resumes_exactly(vp9, loader_shards, tok):
     """The image source's position travels inside the reader state (``images``, in the layout of an indexed
     state) and continues where it was, across the image source's epoch boundary."""
-    cfg = _cfg(vp9, train={"image": str(shared_corpus()["image"])}, resampled=True)
+    cfg = _cfg(vp9, train={"image": str(loader_shards["image"])}, resampled=True)
     reference = build_train_loader(cfg, "prompter", tok, 0, 1, seed=11)
     batches, states = [], []
     for batch in reference:
@@ -250,9 +249,9 @@ def test_a_mixed_state_with_its_image_position_resumes_exactly(vp9, tok):
                for a, b in zip(rest, batches[k + 1 :]))
 
 
-def test_errors_are_one_clear_line(vp9, tok):
+def test_errors_are_one_clear_line(vp9, loader_shards, tok):
     with pytest.raises(AlproError, match="cannot be decoded by DALI on the CPU.*--codec vp9") as info:
-        build_train_loader(_cfg(shared_corpus()["video"]), "pretrain", tok, 0, 1, seed=0)  # H.264 shards
+        build_train_loader(_cfg(loader_shards["video"]), "pretrain", tok, 0, 1, seed=0)  # H.264 shards
     assert "\n" not in str(info.value)
     with pytest.raises(AlproError, match="cannot evaluate QA"):
         build_eval_loader(_cfg(vp9), "qa", tok, 0, 1)
@@ -261,14 +260,13 @@ def test_errors_are_one_clear_line(vp9, tok):
                            "pretrain", tok, 0, 1, seed=0)
 
 
-@pytest.mark.slow  # spawns the trainer
-def test_the_trainer_cli_runs_on_the_reader(vp9, tmp_path):
+def test_the_trainer_cli_runs_on_the_reader(vp9, loader_shards, tmp_path):
     """The prompter debug stage, 4 steps (steps 0-2 are image batches at seed 42, step 3 a video batch), then its
     end-of-training retrieval evaluation through the reader's evaluation loader."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "alpro", "train", "--config", str(REPO / "launch/configs/debug/prompter.yaml"),
            "--train.run_dir", str(run), "--data.decoder", "dali", "--data.dali_reader", "webdataset",
-           "--data.train.video", str(vp9), "--data.train.image", str(shared_corpus()["image"]),
+           "--data.train.video", str(vp9), "--data.train.image", str(loader_shards["image"]),
            "--data.test.video", str(vp9), "--train.steps", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

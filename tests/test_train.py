@@ -18,8 +18,6 @@ import pytest
 import torch
 from cli_helpers import REPO, run_cli
 
-pytestmark = [pytest.mark.slow]
-
 CONFIGS = REPO / "launch" / "configs" / "debug"
 GOLDEN = REPO / "tests" / "data" / "golden_debug_losses.json"
 
