@@ -25,7 +25,7 @@ import braceexpand
 
 from alpro.data.config import LimitsConfig
 from alpro.data.meta import meta_problem
-from alpro.data.shards import SampleError, _iter_members
+from alpro.data.shards import SampleError, _iter_members, open_local_tar
 from alpro.errors import AlproError
 from alpro.shard_format import REJECTS_NAME, stats_name
 from alpro.sharding._cli import OneLineParser
@@ -77,13 +77,7 @@ def _scan(tar_path: Path, limits: LimitsConfig | None = None) -> tuple[list[dict
     limits = limits or LimitsConfig()
     samples: dict[str, dict[str, Any]] = {}
     cut: dict | None = None
-    try:
-        fd = os.open(tar_path, os.O_RDONLY)
-    except OSError as e:
-        raise AlproError(f"{tar_path}: not a readable tar ({e})") from None
-    try:
-        size = os.fstat(fd).st_size
-        get = lambda a, b: os.pread(fd, min(b, size) - a, a) if a < size else b""  # noqa: E731
+    with open_local_tar(tar_path) as (get, size):
         try:
             for name, data, length in _iter_members(get, size, whole_tar=True):
                 key, ext = _split_key(name)
@@ -102,8 +96,6 @@ def _scan(tar_path: Path, limits: LimitsConfig | None = None) -> tuple[list[dict
                 raise AlproError(f"{tar_path}: not a readable tar ({e})") from None
             detail = str(e).split(": ", 1)[-1]
             cut = {"key": None, "detail": detail if e.reason == "truncated" else f"unreadable from here ({detail})"}
-    finally:
-        os.close(fd)
     if cut is not None:
         if cut["key"] is not None:
             samples.pop(cut["key"], None)  # its members before the cut are not a sample

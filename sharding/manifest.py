@@ -299,15 +299,20 @@ class _Grouper:
         return self.clips[clip]
 
 
-def _jsonl_rows(path: Path, text: str, res: _Resolver) -> list[ManifestRow]:
-    grouper = _Grouper(path, res)
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line, parsed value) of each non-blank JSONL line; a bad line is a one-line error naming it."""
     for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            yield line, json.loads(raw)
         except json.JSONDecodeError as e:
             raise AlproError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _jsonl_rows(path: Path, text: str, res: _Resolver) -> list[ManifestRow]:
+    grouper = _Grouper(path, res)
+    for line, obj in _json_lines(path, text):
         grouper.add(obj, line)
     return grouper.rows
 
@@ -454,13 +459,7 @@ def _attach_qa(manifest: Manifest, path: Path, text: str) -> None:
         by_id.setdefault(row.id, row)
         by_id.setdefault(Path(row.source).stem, row)
     unmatched = 0
-    for line, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise AlproError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
+    for line, obj in _json_lines(path, text):
         if not isinstance(obj, dict) or "question" not in obj or "video_id" not in obj:
             raise AlproError(f"{path}:{line}: a QA row needs 'question' and 'video_id'")
         row = by_id.get(str(obj["video_id"]))

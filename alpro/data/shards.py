@@ -26,7 +26,8 @@ import tarfile
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -415,6 +416,21 @@ def _sample_members(buf: bytes, listing: list[tuple[str, int, int]],
     return key.rsplit("/", 1)[-1], members
 
 
+@contextmanager
+def open_local_tar(path: str | os.PathLike) -> Iterator[tuple[Callable[[int, int], bytes], int]]:
+    """A local tar for positioned reads (what :func:`_iter_members` walks): ``(get, size)``, ``get(a, b)`` the
+    bytes ``[a, min(b, size))``; a file that cannot be opened is a one-line AlproError."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise AlproError(f"{path}: not a readable tar file ({e})") from None
+    try:
+        size = os.fstat(fd).st_size
+        yield (lambda a, b: os.pread(fd, max(0, min(b, size) - a), a)), size
+    finally:
+        os.close(fd)
+
+
 def scan_tar(path: str) -> Shard:
     """Sample table of a local tar without an index, by walking its headers (foreign shards).
 
@@ -423,13 +439,7 @@ def scan_tar(path: str) -> Shard:
     file, so reading it counts ``truncated`` exactly as with an index. Media and frame counts are probed
     later."""
     keys, offsets, sizes, media = [], [], [], []
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise AlproError(f"{path}: not a readable tar file ({e})") from None
-    try:
-        size_on_disk = os.fstat(fd).st_size
-        get = lambda a, b: os.pread(fd, max(0, min(b, size_on_disk) - a), a)  # noqa: E731
+    with open_local_tar(path) as (get, size_on_disk):
         current: str | None = None
         try:
             for start, name, data, length in _iter_members(get, size_on_disk, whole_tar=True, starts=True):
@@ -456,8 +466,6 @@ def scan_tar(path: str) -> Shard:
             LOG.warning(f"{path}: {detail}" + ("; its last sample counts as truncated" if keys else ""))
             if keys and e.reason == "truncated":
                 sizes[-1] = max(sizes[-1], size_on_disk + _BLOCK - offsets[-1])
-    finally:
-        os.close(fd)
     n = len(keys)
     return Shard(url=path, keys=np.array(keys, dtype="S"), offsets=np.asarray(offsets, np.int64),
                  sizes=np.asarray(sizes, np.int64), media=np.asarray(media, np.uint8),
