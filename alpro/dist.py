@@ -1,6 +1,8 @@
-"""Minimal distributed helpers. Everything is an identity when torch.distributed is not initialised.
+"""Minimal distributed helpers, the one place ALPRO calls collectives. Everything is an identity when
+torch.distributed is not initialised (or has one process), so callers never test for it.
 
-The model calls :func:`all_gather_with_grad` for VTC; nothing else in the model knows about ranks.
+The model calls :func:`all_gather_with_grad` for VTC; nothing else in the model knows about ranks. The trainer
+and the evaluator use :func:`broadcast_object`, :func:`all_reduce_` and :func:`all_gather_objects`.
 """
 
 from __future__ import annotations
@@ -26,10 +28,6 @@ def get_world_size() -> int:
 
 def get_local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
-
-
-def is_main() -> bool:
-    return get_rank() == 0
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -65,15 +63,6 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-@torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    if get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Every rank gets rank ``src``'s object (e.g. the video/image choice of a mixing step)."""
     if get_world_size() == 1:
@@ -83,12 +72,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` on one process."""
     if get_world_size() == 1:
-        return x
-    x = x.detach().clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x / get_world_size()
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+def all_reduce_(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``x`` over ranks in place (``op``: ``sum`` or ``max``) and return it; ``x`` must be contiguous
+    (a collective on a non-contiguous view would not write through to the caller's tensor)."""
+    if get_world_size() > 1:
+        dist.all_reduce(x, op=_OPS[op])
+    return x
+
+
+def destroy() -> None:
+    """Tear the process group down (end of a command), if there is one."""
+    if is_dist():
+        dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alpro.dist import barrier
 from alpro.errors import AlproError
+from alpro.fileio import atomic_write, read_json
 
 LOG = logging.getLogger("alpro")
 
@@ -62,7 +63,7 @@ def answer_vocab_for(cfg, run_dir: Path, rank: int) -> dict[str, int]:
             shutil.copyfile(init / "answer_vocab.json", path)
         else:
             vocab = build_answer_vocab(cfg.data, cfg.qa.top_k)
-            path.write_text(json.dumps(vocab, indent=1))
+            atomic_write(path, json.dumps(vocab, indent=1))
             LOG.info(f"answer vocabulary: {len(vocab)} answers (top {cfg.qa.top_k} of the training split)")
     barrier()
     return _read_vocab(path)
@@ -71,10 +72,7 @@ def answer_vocab_for(cfg, run_dir: Path, rank: int) -> dict[str, int]:
 def _read_vocab(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise AlproError(f"qa.vocab: {path} not found")
-    try:
-        vocab = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise AlproError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    vocab = read_json(path)
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise AlproError(f"{path}: expected a JSON object mapping answer -> integer label")
     return vocab

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from alpro.dist import all_gather_objects, all_reduce_, destroy
 from alpro.errors import AlproError
+from alpro.fileio import atomic_write, read_json
 
 LOG = logging.getLogger("alpro")
 
@@ -34,21 +35,6 @@ def _eval_split(cfg) -> str | None:
         if cfg.data.split(split).video is not None:
             return split
     return None
-
-
-def _all_gather_objects(obj: Any) -> list[Any]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _sum_across_ranks(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        x = x.contiguous()
-        dist.all_reduce(x)
-    return x
 
 
 def _maybe_tqdm(items, enabled: bool, desc: str):
@@ -85,7 +71,7 @@ def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragra
             "text_embeds": text_embeds.cpu(), "text_mask": mask, "text_feat": text_feat.float().cpu(),
             "owners": owners,
         })
-    parts = [p for rank_parts in _all_gather_objects(local) for p in rank_parts]
+    parts = [p for rank_parts in all_gather_objects(local) for p in rank_parts]
     if not parts:
         raise AlproError("retrieval evaluation: the evaluation split has no clips")
     keys, text_to_video, offset = [], [], 0
@@ -123,12 +109,12 @@ def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, spl
     has_vtm = getattr(model, "vtm_head", None) is not None
     shard = (rank, world)
     if has_vtm and protocol in ("original", "both"):
-        scores = _sum_across_ranks(scores_original(model, emb, cfg.eval.batch_size, progress, shard=shard))
+        scores = all_reduce_(scores_original(model, emb, cfg.eval.batch_size, progress, shard=shard).contiguous())
         metrics = original_protocol_metrics(scores, gt, rounding=cfg.eval.original_rounding)
         out.update({f"original_{k}": v for k, v in metrics.items()})
     if has_vtm and protocol in ("lavis", "both"):
         v2t, t2v = scores_lavis(model, emb, cfg.eval.k_test, cfg.eval.batch_size, progress, shard=shard)
-        v2t, t2v = _sum_across_ranks(v2t), _sum_across_ranks(t2v)
+        v2t, t2v = all_reduce_(v2t.contiguous()), all_reduce_(t2v.contiguous())
         out.update({f"lavis_{k}": v for k, v in retrieval_metrics(t2v, gt, v2t).items()})
     return out
 
@@ -152,7 +138,7 @@ def evaluate_qa(model, cfg, tokenizer, answer_vocab: dict[str, int], rank: int, 
         preds.append(p.cpu())
         targets.append(batch.answer_ids[idx].cpu())
         types += [batch.answer_types[i] for i in idx.tolist()] if batch.answer_types else []
-    gathered = _all_gather_objects((preds, targets, types))
+    gathered = all_gather_objects((preds, targets, types))
     preds = torch.cat([p for g in gathered for p in g[0]])
     targets = torch.cat([t for g in gathered for t in g[1]])
     types = [t for g in gathered for t in g[2]] or None
@@ -226,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         vocab_path = final / "answer_vocab.json"
         if not vocab_path.is_file():
             raise AlproError(f"{final}: no answer_vocab.json (is this a QA run?)")
-        answer_vocab = json.loads(vocab_path.read_text())
+        answer_vocab = read_json(vocab_path)
     model = build_model(cfg.model, task, vocab_size=len(tokenizer),
                         num_answers=len(answer_vocab) if answer_vocab else None)
     report = load_checkpoint(model, weights)
@@ -244,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"run": str(args.run), "task": task, "split": args.split, **results}, indent=1))
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"task": task, "split": args.split, **results}, indent=1))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+            atomic_write(args.out, json.dumps({"task": task, "split": args.split, **results}, indent=1))
+    destroy()
     return 0
 
 

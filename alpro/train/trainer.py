@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from alpro.dist import barrier, broadcast_object
+from alpro.dist import all_reduce_, barrier, broadcast_object, destroy
 from alpro.errors import AlproError
 from alpro.kernels.triton_support import set_tf32
 from alpro.train import runtime
@@ -281,8 +280,7 @@ class Trainer:
         """Names of non-finite losses, agreed by all ranks (so every rank stops or skips together)."""
         names = sorted(k for k, v in out.items() if k.startswith("loss") and torch.is_tensor(v))
         flags = torch.tensor([0.0 if torch.isfinite(out[k].detach()).all() else 1.0 for k in names])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        all_reduce_(flags, op="max")
         return [n for n, f in zip(names, flags.tolist()) if f > 0]
 
     def _clip_dense_grads(self) -> None:
@@ -411,6 +409,5 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     try:
         return trainer.train()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy()
 
