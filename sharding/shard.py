@@ -729,11 +729,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return _main(sys.argv[1:] if argv is None else argv)
-    except AlproError as e:
-        print(f"alpro shard: error: {e}", file=sys.stderr)
-        return 2
+    """``alpro shard``; errors go through the one CLI wrapper (:func:`alpro.cli.guarded`) also when called directly."""
+    from alpro.cli import guarded
+
+    return guarded("shard", _main, argv)
 
 
 def _main(argv: list[str]) -> int:

@@ -1,7 +1,12 @@
+import argparse
+import errno
 import subprocess
 import sys
 
-from alpro.cli import main
+import pytest
+
+from alpro.cli import guarded, main
+from alpro.errors import AlproError
 
 
 def test_help_lists_commands(capsys):
@@ -18,3 +23,72 @@ def test_unknown_command_is_one_line_error(capsys):
 def test_python_dash_m_alpro():
     r = subprocess.run([sys.executable, "-m", "alpro", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.startswith("alpro ")
+
+
+# Every `python -m` entry point of the package (the `alpro` commands and the helper scripts). Those under
+# alpro.train and the sharder fail on their bad argument in about a second, but tests/conftest.py's rule counts any
+# `-m alpro.train...` / `-m alpro.sharding.shard` command line as a trainer or sharder spawn, so they run as slow.
+FAST_ENTRY_POINTS = ["alpro", "alpro.models.entities", "alpro.sharding.synth", "alpro.sharding.inspect",
+                     "alpro.kernels.compile_check"]
+SPAWN_RULE_ENTRY_POINTS = ["alpro.train", "alpro.train.evaluate", "alpro.train.export", "alpro.train.plots",
+                           "alpro.train.demo", "alpro.train.demo_report", "alpro.sharding.shard"]
+
+
+def _bad_argument_is_one_line(module: str) -> None:
+    """A usage mistake is one `alpro <cmd>: error: ...` line and exit 2: no usage block, no traceback."""
+    args = ["export", "--no-such-option", "1"] if module == "alpro" else ["--no-such-option", "1"]
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (module, r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("alpro ") and ": error: " in lines[0], (module, r.stderr)
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("module", FAST_ENTRY_POINTS)
+def test_python_dash_m_bad_argument_is_one_line(module):
+    _bad_argument_is_one_line(module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", SPAWN_RULE_ENTRY_POINTS)
+def test_python_dash_m_bad_argument_is_one_line_train_and_shard(module):
+    _bad_argument_is_one_line(module)
+
+
+def _fails_with(exc: BaseException):
+    def main(argv):
+        raise exc
+    return main
+
+
+def test_one_wrapper_maps_errors_to_lines_and_exit_codes(capsys):
+    assert guarded("x", _fails_with(AlproError("bad.yaml: unknown key 'a'"))) == 2
+    assert capsys.readouterr().err == "alpro x: error: bad.yaml: unknown key 'a'\n"
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/out/shard-000003.tar")
+    assert guarded("shard", _fails_with(full), []) == 2
+    assert capsys.readouterr().err == "alpro shard: error: no space left on device: /data/out/shard-000003.tar\n"
+    assert guarded("train", _fails_with(KeyboardInterrupt()), []) == 130
+    assert capsys.readouterr().err == ""  # quietly
+    with pytest.raises(PermissionError):  # not a user-input error: a bug or a setup problem keeps its traceback
+        guarded("x", _fails_with(PermissionError(errno.EACCES, "denied", "/root")), [])
+
+
+def test_real_full_disk_is_one_line(capsys):
+    """ENOSPC from the kernel, not a constructed exception: Linux's /dev/full refuses every write."""
+    def write(argv):
+        with open("/dev/full", "w") as f:
+            f.write("x" * 10)
+            f.flush()
+
+    assert guarded("export", write, []) == 2
+    assert capsys.readouterr().err == "alpro export: error: no space left on device: ?\n"
+
+
+def test_usage_errors_are_one_line_only_while_a_command_runs(capsys):
+    def parse(argv):
+        argparse.ArgumentParser(prog="alpro x").parse_args(argv)
+
+    assert guarded("x", parse, ["--nope"]) == 2
+    assert capsys.readouterr().err == "alpro x: error: unrecognized arguments: --nope\n"
+    with pytest.raises(SystemExit):  # restored afterwards: a library's own parser behaves as argparse does
+        argparse.ArgumentParser(prog="other").parse_args(["--nope"])

@@ -208,4 +208,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from alpro.cli import guarded
+
+    raise SystemExit(guarded("demo_report", main))
