@@ -117,6 +117,7 @@ class Trainer:
             grad_clip=cfg.optim.grad_clip,
             precision=cfg.train.precision,
             zero_stage=cfg.train.zero_stage,
+            settings=cfg.train.deepspeed,
         )
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
