@@ -12,6 +12,7 @@ import pytest
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~4 min on two free cores; every stage is a torchrun or CLI start
 def test_demo_end_to_end_at_toy_scale(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "alpro", "demo", "--out", str(out), "--num-clips", "180", "--scale", "0.04"]
