@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 from alpro.errors import AlproError
+from alpro.recipes import recipe_dir
 
-CONFIGS = Path(__file__).resolve().parents[2] / "launch" / "configs" / "demo"
+CONFIGS = recipe_dir("demo")  # package data, copies of launch/configs/demo (alpro/recipes/__init__.py)
 
 
 def _run(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
