@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alpro.fileio import atomic_write
+
 LOG = logging.getLogger("alpro")
 
 
@@ -98,9 +100,7 @@ def truncate_metrics(path: Path, trainer_state: dict[str, Any]) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        tmp.replace(path)
+        atomic_write(path, "".join(kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
