@@ -1,5 +1,6 @@
 """The recipes the code reads ship as package data (alpro/recipes/) and are byte-for-byte copies of launch/configs/."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,10 +36,16 @@ def test_demo_reads_the_packaged_recipes_and_they_resolve():
 @pytest.mark.slow
 def test_wheel_carries_the_recipes(tmp_path):
     """A built wheel holds the recipes (what a non-editable install reads through importlib.resources)."""
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path),
-                        str(REPO)], capture_output=True, text=True, timeout=600)
+    src = tmp_path / "src"  # a copy: setuptools builds in the source tree (build/, *.egg-info)
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(REPO / name, src / name)
+    for name in ("alpro", "kernels", "sharding"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
+                        str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    (wheel,) = tmp_path.glob("alpro-*.whl")
+    (wheel,) = (tmp_path / "wheel").glob("alpro-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for name in sorted(p.name for p in (REPO / "launch" / "configs" / "demo").glob("*.yaml")):
         assert f"alpro/recipes/demo/{name}" in names
