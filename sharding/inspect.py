@@ -16,7 +16,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -284,21 +283,24 @@ def extract_sample(target: str | Path, key: str, to: str | Path = ".") -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``alpro inspect``; errors go through the one CLI wrapper (:func:`alpro.cli.guarded`) also when called directly."""
+    from alpro.cli import guarded
+
+    return guarded("inspect", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = OneLineParser(prog="alpro inspect", description="Summarise a shard set or extract a sample.")
     parser.add_argument("shards", help="shard directory, glob ('out/*.tar'), brace pattern or one .tar")
     parser.add_argument("--extract", metavar="KEY", help="write the members of sample KEY to --to")
     parser.add_argument("--to", default=".", help="directory for --extract (default: current)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    try:
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-        if args.extract:
-            for path in extract_sample(args.shards, args.extract, args.to):
-                print(path)
-            return 0
-        report = inspect_shards(args.shards)
-    except AlproError as e:
-        print(f"alpro inspect: error: {e}", file=sys.stderr)
-        return 2
+    args = parser.parse_args(argv)
+    if args.extract:
+        for path in extract_sample(args.shards, args.extract, args.to):
+            print(path)
+        return 0
+    report = inspect_shards(args.shards)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
