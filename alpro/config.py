@@ -29,7 +29,8 @@ from alpro.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["from_dict", "to_dict", "load_yaml", "apply_overrides", "parse_overrides", "merge", "ConfigError"]
+__all__ = ["from_dict", "to_dict", "load_yaml", "apply_overrides", "parse_overrides", "merge", "ConfigError",
+           "field_docs", "command_parser", "parse_command"]
 
 
 def _type_name(tp: Any) -> str:
@@ -251,3 +252,84 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], args: list[str]) -> dict[str, Any]:
     return merge(data, parse_overrides(args))
+
+
+# ------------------------------------------------------------------------------------------ command lines
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of dataclass ``cls`` (and its dataclass bases): the string literal written right
+    under a field. Read from the source with ``ast``, not from ``field(metadata=...)``: every config here already
+    documents its fields that way, so ``--help`` and a reader of the source see the same one text."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):  # no source (a frozen or generated class): no help text
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def command_parser(cls: type, prog: str, description: str | None = None):
+    """An ``argparse`` parser for the options dataclass ``cls``: a field without a default is a positional
+    argument, every other field a ``--dashed-name`` flag (a bool defaulting to false is a switch, one defaulting
+    to true is ``--no-name``), with the field's docstring as help. Values are checked by :func:`from_dict`, so a
+    bad value is the same one-line ``ConfigError`` as in a YAML file."""
+    import argparse
+
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    for f in dataclasses.fields(cls):
+        tp, help_text = hints[f.name], docs.get(f.name, "")
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            p.add_argument(f.name, help=help_text)
+        elif tp is bool:
+            if f.default:
+                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+            else:
+                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            is_list = get_origin(tp) in (list, tuple) or any(
+                get_origin(a) in (list, tuple) for a in get_args(tp) if a is not type(None))
+            p.add_argument(flag, dest=f.name, nargs="+" if is_list else None, default=argparse.SUPPRESS,
+                           metavar=f.name.upper(), help=f"{help_text} (default: {default})".strip())
+    return p
+
+
+def parse_command(cls: type[T], argv: list[str], prog: str, description: str | None = None) -> T:
+    """``argv`` -> an instance of ``cls`` through :func:`command_parser` and :func:`from_dict` (string values are
+    read as YAML scalars, as ``--section.key value`` overrides are, then checked against the field types)."""
+    hints = get_type_hints(cls)
+    args = vars(command_parser(cls, prog, description).parse_args(argv))
+    data: dict[str, Any] = {}
+    for name, value in args.items():
+        tp = hints[name]
+        plain = tp in (str, Path) or (get_origin(tp) in (Union, types.UnionType)
+                                      and all(a in (str, Path, type(None)) for a in get_args(tp)))
+        if isinstance(value, str) and not plain:
+            value = _scalar(value)
+        elif isinstance(value, list):
+            value = [v if plain else _scalar(v) for v in value]
+        data[name] = value
+    return from_dict(cls, data)
+
+
+def _scalar(raw: str) -> Any:
+    try:
+        return parse_overrides(["--x", raw])["x"]
+    except ConfigError:
+        return raw

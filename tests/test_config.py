@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -59,3 +60,34 @@ def test_overrides():
         parse_overrides(["--steps"])
     with pytest.raises(ConfigError):
         parse_overrides(["steps", "3"])
+
+
+def test_command_options_from_a_dataclass_with_docstring_help(capsys):
+    """Commands parse their options with alpro.config.parse_command: positionals, flags, switches, types, help."""
+    from alpro.config import command_parser, field_docs, parse_command
+
+    @dataclass
+    class Opts:
+        src: Path
+        """where from"""
+        out: Path | None = None
+        """where to"""
+        count: int = 3
+        """how many"""
+        mode: Literal["a", "b"] = "a"
+        dry_run: bool = False
+        """only print"""
+        progress: bool = True
+        tags: list[str] = field(default_factory=list)
+
+    assert field_docs(Opts) == {"src": "where from", "out": "where to", "count": "how many", "dry_run": "only print"}
+    o = parse_command(Opts, ["in", "--count", "5", "--mode", "b", "--dry-run", "--no-progress", "--tags", "x", "y"],
+                      prog="t")
+    assert o == Opts(Path("in"), None, 5, "b", True, False, ["x", "y"])
+    assert parse_command(Opts, ["in"], prog="t") == Opts(Path("in"))
+    with pytest.raises(ConfigError, match="'count' must be int, got 'ten'"):
+        parse_command(Opts, ["in", "--count", "ten"], prog="t")
+    with pytest.raises(ConfigError, match=re.escape("'mode' must be one of 'a' | 'b', got 'c'")):
+        parse_command(Opts, ["in", "--mode", "c"], prog="t")
+    help_text = command_parser(Opts, prog="t").format_help()
+    assert "where from" in help_text and "how many (default: 3)" in help_text and "--no-progress" in help_text

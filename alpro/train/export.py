@@ -21,10 +21,11 @@ or ``alpro search`` needs: ``model.safetensors``, ``config.yaml``, ``tokenizer/`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,21 @@ def export_final(ckpt: Path, final_dir: Path, cfg, task: str, tokenizer, answer_
     return final_dir / "model.safetensors"
 
 
+@dataclass
+class ExportOptions:
+    """The options of ``alpro export`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    checkpoint: Path
+    """a checkpoint directory (checkpoints/step-N) or a run directory"""
+    out: Path | None = None
+    """output .safetensors (default RUN/export/step-N.safetensors; never final/ unless named here)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro export", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", type=Path, help="a checkpoint directory (checkpoints/step-N) or a run directory")
-    p.add_argument("--out", type=Path, default=None,
-                   help="output .safetensors (default RUN/export/step-N.safetensors; never final/ unless named here)")
-    args = p.parse_args(argv)
+    from alpro.config import parse_command
+
+    args = parse_command(ExportOptions, list(sys.argv[1:] if argv is None else argv), prog="alpro export",
+                         description=__doc__.splitlines()[0])
     ckpt = args.checkpoint
     if (ckpt / "checkpoints").is_dir():
         skipped: list[str] = []
