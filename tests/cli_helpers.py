@@ -9,6 +9,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def fault_env(**faults: int | str) -> dict[str, str]:
+    """Environment for a trainer subprocess with test-side fault hooks (``tests/faults/sitecustomize.py``, first on
+    its PYTHONPATH): ``fault_env(NAN="3:loss_vtc")``, ``KILL_IN_SAVE=4``, ``KILL_AFTER_SAVE=6``."""
+    path = os.pathsep.join(p for p in (str(FAULTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, **{f"ALPRO_FAULT_{name}": str(value) for name, value in faults.items()}}
 
 
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):

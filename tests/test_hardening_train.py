@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import REPO
+from cli_helpers import REPO, fault_env
 
 from alpro.config import ConfigError
 from alpro.train.checkpoint import (
@@ -400,7 +400,7 @@ def test_resume_auto_falls_back_past_damaged_checkpoints_and_continues_the_log(t
     ref = tmp_path / "ref"
     _train(ref, tiny_shards, *EXTRA)
     run = tmp_path / "run"
-    proc = _train(run, tiny_shards, *EXTRA, env={"ALPRO_FAULT_KILL_AFTER_SAVE": "6"}, check=False)
+    proc = _train(run, tiny_shards, *EXTRA, env=fault_env(KILL_AFTER_SAVE=6), check=False)
     assert proc.returncode != 0 and (run / "checkpoints" / "step-00000006" / MANIFEST).is_file()
     ckpts = run / "checkpoints"
     _cut(ckpts / "step-00000006" / "mp_rank_00_model_states.pt")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import REPO, run_cli
+from cli_helpers import REPO, fault_env, run_cli
 
 CONFIGS = REPO / "launch" / "configs" / "debug"
 GOLDEN = REPO / "tests" / "data" / "golden_debug_losses.json"
@@ -220,8 +220,8 @@ def test_deepspeed_launcher_and_torchrun_script(tiny_shards, tmp_path):
 
 def _kill_after_checkpoint(stage: str, run: Path, shards, *extra: str, nproc: int, step: int) -> None:
     """Train, and SIGKILL every training process right after checkpoint ``step`` is complete (the trainer's
-    ALPRO_FAULT_KILL_AFTER_SAVE hook: deterministic, unlike racing a fast run from outside)."""
-    proc = train(stage, run, shards, *extra, nproc=nproc, env={"ALPRO_FAULT_KILL_AFTER_SAVE": str(step)},
+    KILL_AFTER_SAVE test hook, tests/faults: deterministic, unlike racing a fast run from outside)."""
+    proc = train(stage, run, shards, *extra, nproc=nproc, env=fault_env(KILL_AFTER_SAVE=step),
                  check=False)
     assert proc.returncode != 0, "the run was not killed"
     assert (run / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").is_file()
@@ -244,7 +244,7 @@ def test_kill9_then_resume_gives_the_same_loss_curve(tiny_shards, tmp_path, npro
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tiny_shards, tmp_path):
     extra = ("--train.steps", "6", "--train.save_interval", "2", "--train.log_interval", "1")
     run = tmp_path / "run"
-    proc = train("prompter", run, tiny_shards, *extra, env={"ALPRO_FAULT_KILL_IN_SAVE": "4"}, check=False)
+    proc = train("prompter", run, tiny_shards, *extra, env=fault_env(KILL_IN_SAVE=4), check=False)
     assert proc.returncode != 0
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-00000002"
@@ -286,11 +286,11 @@ def test_bad_config_is_one_clear_line(tiny_shards, tmp_path, capsys, override, m
 
 
 def test_nonfinite_loss_stops_naming_step_and_loss(tiny_shards, tmp_path):
-    proc = train("prompter", tmp_path / "stop", tiny_shards, env={"ALPRO_FAULT_NAN": "3:loss_vtc"}, check=False)
+    proc = train("prompter", tmp_path / "stop", tiny_shards, env=fault_env(NAN="3:loss_vtc"), check=False)
     assert proc.returncode == 2
     assert "non-finite loss loss, loss_vtc at step 3" in proc.stderr
     run = tmp_path / "skip"
-    train("prompter", run, tiny_shards, "--train.nan_policy", "skip", env={"ALPRO_FAULT_NAN": "3:loss_vtc"})
+    train("prompter", run, tiny_shards, "--train.nan_policy", "skip", env=fault_env(NAN="3:loss_vtc"))
     assert "skipped (1/" in (run / "train.log").read_text() and sorted(losses(run)) == [2, 4, 6]
 
 

@@ -36,7 +36,6 @@ import pickle
 import random
 import re
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -332,8 +331,6 @@ class CheckpointManager:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)  # re-saving the same step after a resume
             barrier()
             engine.save_checkpoint(str(self.dir), tag=tmp_tag, save_latest=False)
-            if os.environ.get("ALPRO_FAULT_KILL_IN_SAVE") == str(step):  # tests: die between write and rename
-                os.kill(os.getpid(), signal.SIGKILL)
             _write_json(tmp / f"rank_{rank:05d}.json", {"rank": rank, **rank_state})
             barrier()
             if rank == 0:
@@ -346,8 +343,6 @@ class CheckpointManager:
         except (OSError, RuntimeError) as e:
             raise self._save_error(e, tmp, _state_bytes(engine)) from None
         barrier()
-        if os.environ.get("ALPRO_FAULT_KILL_AFTER_SAVE") == str(step):  # tests: a kill -9 right after a checkpoint
-            os.kill(os.getpid(), signal.SIGKILL)
         return self.dir / tag
 
     def _save_error(self, e: BaseException, tmp: Path, state_bytes: int) -> AlproError:

@@ -12,7 +12,6 @@ the data order (its state is checkpointed, so a resumed run sees exactly the bat
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,7 +251,6 @@ class Trainer:
             window.data_wait += time.perf_counter() - t0
             batch = batch.to(self.device)
             out = self.engine(batch)
-            out = _inject_fault(out, self.step)
             bad = self._nonfinite(out)
             if bad:
                 self._on_nonfinite(f"loss {', '.join(bad)}")
@@ -383,25 +381,6 @@ def _peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-_FAULTS_FIRED: set[str] = set()
-
-
-def _inject_fault(out: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-    """Fault injection for tests of the non-finite guard: ``ALPRO_FAULT_NAN=STEP:LOSS`` makes LOSS NaN once, at
-    the first micro-batch of optimizer step STEP."""
-    spec = os.environ.get("ALPRO_FAULT_NAN")
-    if not spec or spec in _FAULTS_FIRED:
-        return out
-    at, _, name = spec.partition(":")
-    if int(at) == step + 1 and name in out:
-        _FAULTS_FIRED.add(spec)
-        out = dict(out)
-        nan = out[name] * float("nan")
-        out["loss"] = out["loss"] + nan
-        out[name] = nan
-    return out
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
