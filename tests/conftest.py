@@ -1,10 +1,10 @@
 """Shared pytest setup: CPU only, quiet third-party logs, the corpus fixtures, and the markers applied by rule.
 
 **slow, by rule.** A test is marked ``slow`` when it spawns the trainer (``alpro train``, ``-m alpro.train``),
-torchrun or the DeepSpeed launcher (``torch.distributed.run``, ``torchrun``, ``launch/*.sh``,
-``mp.spawn``), the demo (``alpro demo``) or the sharder (``alpro shard``, ``-m alpro.sharding.shard``): in its
-own body, in a module-level helper it calls, in a helper it imports (``cli_helpers``, ``golden``, ...), or in a
-fixture it requests, followed transitively. The hook reads the source of each of those and looks for the spawn
+torchrun or the DeepSpeed launcher (``torch.distributed.run``, ``torchrun``, ``launch/torchrun.sh``,
+``launch/deepspeed.sh``, ``mp.spawn``), the demo (``alpro demo``) or the sharder (``alpro shard``,
+``-m alpro.sharding.shard``): in its own body, in a module-level helper it calls, in a helper it imports
+(``cli_helpers``, ``golden``, ...), or in a fixture it requests, followed transitively. The hook reads the source of each of those and looks for the spawn
 signatures in :data:`SPAWNS`, so a new test that spawns one of them is slow without anyone remembering to mark
 it. In-process checks (``alpro.cli.main([...])``, ``load_run_config``) are not spawns and stay fast.
 
