@@ -283,7 +283,7 @@ def extract_sample(target: str | Path, key: str, to: str | Path = ".") -> list[P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``alpro inspect``; errors go through the one CLI wrapper (:func:`alpro.cli.guarded`) also when called directly."""
+    """``alpro inspect``; errors go through the one CLI wrapper (:func:`alpro.cli.guarded`), also called directly."""
     from alpro.cli import guarded
 
     return guarded("inspect", _main, argv)

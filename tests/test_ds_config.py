@@ -27,7 +27,8 @@ def test_generated_from_typed_fields(stage):
                                  "--train.precision", "bf16", "--optim.grad_clip", "5",
                                  "--train.deepspeed.overlap_comm", "true", "--train.deepspeed.reduce_bucket_size", "7"])
     ds = ds_for(cfg)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (4, 3, 24)
     assert ds["gradient_clipping"] == (5.0 if stage else 0.0)  # ZeRO-0: the trainer clips itself
     assert ds["bf16"] == {"enabled": True} and ds["fp16"]["enabled"] is False
     zero = ds["zero_optimization"]

@@ -63,9 +63,9 @@ class DeepSpeedConfig:
     """DeepSpeed's own knobs: the settings DeepSpeed acts on and the trainer does not (bucket sizes, overlap, the
     fp16 loss scaler). :func:`alpro.train.runtime.build_ds_config` generates the DeepSpeed JSON from these and the
     fields the trainer owns (``train.zero_stage``, ``train.precision``, ``train.grad_accum``, ``optim.grad_clip``,
-    ``data.batch_size``). The defaults are the ones ``launch/ds_configs/zero{0,1,2,3}.json`` held; the ZeRO keys go
-    into the JSON only for the stages that read them (stage-3 keys for ZeRO-3, ``allgather_bucket_size`` and
-    ``reduce_scatter`` for ZeRO-1/2), as those files did."""
+    ``data.batch_size``). The defaults are what the former ``launch/ds_configs/zero{0,1,2,3}.json`` held; the
+    ZeRO keys go into the JSON only for the stages that read them (stage-3 keys for ZeRO-3,
+    ``allgather_bucket_size`` and ``reduce_scatter`` for ZeRO-1/2), as those files did."""
 
     overlap_comm: bool = False
     """ZeRO 1-3: overlap gradient reduction with the backward pass (more memory for buckets)."""
