@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q tests
 
+# Everything but the tests that spawn the trainer, torchrun, the demo or the sharder (marked slow by the rule in
+# tests/conftest.py; CUDA-only tests skip with their reason on CPU).
 test-fast: install
 	$(PY) -m pytest -q tests -m "not slow"
 
