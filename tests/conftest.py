@@ -93,10 +93,16 @@ def loader_shards(tmp_path_factory) -> dict[str, Path]:
 
 
 def _source(obj) -> str:
+    """The source of a function without its decorators (parametrize lists are data, not what the test runs)."""
     try:
-        return textwrap.dedent(inspect.getsource(obj))
+        src = textwrap.dedent(inspect.getsource(obj))
     except (OSError, TypeError):
         return ""
+    try:
+        node = ast.parse(src).body[0]
+    except (SyntaxError, IndexError):
+        return src
+    return "\n".join(src.splitlines()[node.lineno - 1 :]) if getattr(node, "decorator_list", None) else src
 
 
 def _spawn_of(obj, module_globals: dict, fixturedefs: dict, seen: set[int]) -> str | None:
