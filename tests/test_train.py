@@ -173,8 +173,7 @@ def test_zero_stages_agree_on_two_processes(tiny_shards, tmp_path):
     curves = {}
     for stage in (2, 0, 1, 3):
         run = tmp_path / f"zero{stage}"
-        train("prompter", run, tiny_shards, *prompter_args, "--train.zero_stage", str(stage),
-              "--train.ds_config", f"launch/ds_configs/zero{stage}.json", nproc=2)
+        train("prompter", run, tiny_shards, *prompter_args, "--train.zero_stage", str(stage), nproc=2)
         curves[stage] = losses(run)
     for stage in (0, 1, 3):
         for step, value in curves[2].items():
