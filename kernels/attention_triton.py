@@ -201,20 +201,9 @@ def _spatial_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     if TAIL_N == 0:
-        for start_n in range(0, S, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            kv_mask = (offs_n < S)[:, None] & d_ok[None, :]
-            kv = qkv + _frame_rows(offs_n, t, T)[:, None] * stride_qkv_l + col
-            k = tl.load(kv + C, mask=kv_mask, other=0.0).to(MM_DTYPE)
-            v = tl.load(kv + 2 * C, mask=kv_mask, other=0.0).to(MM_DTYPE)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            s = tl.where((offs_n < S)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first tile always holds the CLS key
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(MM_DTYPE), v, input_precision=PRECISION)
-            m_i = m_new
+        for start_n in range(0, S, BLOCK_N):  # m_i finite after the first tile: it always holds the CLS key
+            m_i, l_i, acc = _spatial_fwd_step(q, qkv, start_n, t, T, S, C, col, d_ok, stride_qkv_l, qk_scale, m_i,
+                                              l_i, acc, BLOCK_N, MM_DTYPE, PRECISION)  # fmt: skip
     else:
         s_full = (S // BLOCK_N) * BLOCK_N
         for start_n in range(0, s_full, BLOCK_N):
