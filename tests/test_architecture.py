@@ -171,12 +171,6 @@ def test_shard_format_names_are_spelled_only_in_shard_format():
 
     facts = {sf.FORMAT_TAG, sf.INDEX_NAME, sf.BUILD_NAME, sf.SIZES_NAME, sf.REJECTS_NAME, sf.STATS_SUFFIX,
              sf.DALI_IDX_SUFFIX}
-    # the known exceptions, both the index file's name: the demo checks its shards exist by it, and the streamed
-    # back-end quotes it in an error message; everything else takes the names from alpro.shard_format
-    allowed = {("alpro.train.demo", sf.INDEX_NAME), ("alpro.data.stream", sf.INDEX_NAME)}
-    for module, (_, tree) in modules().items():
-        if module == "alpro.shard_format":
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Constant) and node.value in facts:
-                assert (module, node.value) in allowed, f"{module} spells {node.value!r} (use alpro.shard_format)"
+    spelled = [(module, node.value) for module, (_, tree) in modules().items() if module != "alpro.shard_format"
+               for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in facts]
+    assert not spelled, f"spelled outside alpro.shard_format (import the name from there): {spelled}"

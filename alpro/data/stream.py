@@ -28,6 +28,7 @@ from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader
 from alpro.data.shards import SampleError, ShardSet, resolve, stream_samples
 from alpro.data.sources import task_sources
 from alpro.errors import AlproError
+from alpro.shard_format import INDEX_NAME
 
 LOG = logging.getLogger("alpro.data")
 
@@ -129,7 +130,7 @@ class StreamSource:
                 raise AlproError(f"data.train.{kind}: mix of pipe: and seekable sources across video/image")
             if len(shardset) == 0:
                 raise AlproError(f"data.train.{kind}: pipe: sources need data.train.{kind}_index (the shard set's "
-                                 f"{'index.json.zst'}) to know how many samples they hold")
+                                 f"{INDEX_NAME}) to know how many samples they hold")
         tables = [ItemTable.per_sample(s) for s in self.shardsets]
         items = ItemLoader(cfg, task, "train", tables, seed, answer_vocab)
         self.builder = BatchBuilder(items, tokenizer, self.kinds, rank)

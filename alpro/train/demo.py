@@ -30,6 +30,7 @@ from pathlib import Path
 
 from alpro.errors import AlproError
 from alpro.recipes import recipe_dir
+from alpro.shard_format import INDEX_NAME
 
 CONFIGS = recipe_dir("demo")  # package data, copies of launch/configs/demo (alpro/recipes/__init__.py)
 
@@ -87,7 +88,7 @@ def run_demo(out: Path, num_clips: int, nproc: int, scale: float) -> dict:
     shard_opts = ["--fps", "8", "--short-side", "72", "--workers", "2", "--no-progress"]
     for name, split, media in (("train_video", "train", "video"), ("train_image", "train", "image"),
                                ("test_video", "test", "video")):
-        step(f"shard-{name}", (shards / name / "index.json.zst").is_file(),
+        step(f"shard-{name}", (shards / name / INDEX_NAME).is_file(),
              _alpro("shard", str(corpus / "manifest.jsonl"), str(shards / name), "--split", split,
                     "--media", media, *shard_opts))
     # PEM entities: the corpus's own noun list, checked by `alpro entities`. The model-free tagger on the captions
