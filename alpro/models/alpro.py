@@ -1,12 +1,14 @@
-"""ALPRO: the encoders, the heads and the four pre-training losses (ALPRO.md §1.3, §2), plus the fine-tuning tasks.
+"""ALPRO: the heads and the four pre-training losses (ALPRO.md §1.3, §2), plus the fine-tuning tasks.
 
-One class serves every stage; ``task`` decides which heads exist and which losses run:
+:class:`ALPRO` is a :class:`~alpro.models.dual_encoder.DualEncoder` (encoders, projections, temperature, VTC)
+with the full BERT (text + fusion layers) and heads; the stage-1 prompter is its sibling
+(:class:`~alpro.models.prompter.Prompter`). ``task`` decides which heads exist and which losses run:
 
 =========  ===============================================  =============================================
 task       heads                                            losses (weights in ``cfg.loss``)
 =========  ===============================================  =============================================
-prompter   vision_proj, text_proj, temp (text layers only)  VTC
-pretrain   + vtm_head, MLM head, pem_head, frozen prompter  VTC + VTM + MLM + PEM
+pretrain   vision_proj, text_proj, temp, vtm_head,          VTC + VTM + MLM + PEM
+           MLM head, pem_head, frozen prompter
 retrieval  vision_proj, text_proj, temp, vtm_head           VTC + VTM
 qa         qa_head                                          cross-entropy over the answer vocabulary
 =========  ===============================================  =============================================
@@ -16,7 +18,6 @@ Shapes: B clips, L text tokens, P = patches per frame, D = hidden width, E = ``e
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,13 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from alpro.data.batch import Batch
-from alpro.dist import all_gather_with_grad, get_rank
 from alpro.errors import AlproError
-from alpro.kernels import contrastive_loss, local_similarity
+from alpro.kernels import local_similarity
 from alpro.models.checkpoint import LoadReport, load_checkpoint
 from alpro.models.config import ModelConfig
-from alpro.models.text_encoder import TextEncoder
-from alpro.models.video_encoder import VideoEncoder
+from alpro.models.dual_encoder import DualEncoder, valid_only
 from alpro.tasks import TASKS, Task
 
 if TYPE_CHECKING:
@@ -58,28 +57,22 @@ def sample_hard_negatives(sim_v2t: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return torch.multinomial(w_t2v, 1).squeeze(1), torch.multinomial(w_v2t, 1).squeeze(1)
 
 
-class ALPRO(nn.Module):
+class ALPRO(DualEncoder):
     def __init__(self, cfg: ModelConfig, task: Task, num_answers: int | None = None,
                  prompter: Prompter | None = None):
-        super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
-        self.cfg, self.task = cfg, task
+        tasks = tuple(t for t in TASKS if t != "prompter")
+        if task not in tasks:
+            hint = " (the prompter stage is alpro.models.Prompter)" if task == "prompter" else ""
+            raise ValueError(f"ALPRO has no task {task!r}; choose one of {tasks}{hint}")
         w = cfg.loss
-        self.use_vtc = task in ("prompter", "pretrain", "retrieval") and w.vtc > 0
+        use_mlm = task == "pretrain" and w.mlm > 0
+        # encoders, then vision_proj / text_proj / temp unless QA (the base; names are checkpoint keys)
+        super().__init__(cfg, task, mlm_head=use_mlm, projections=task != "qa")
+        self.use_mlm = use_mlm
         self.use_vtm = task in ("pretrain", "retrieval") and w.vtm > 0
-        self.use_mlm = task == "pretrain" and w.mlm > 0
         self.use_pem = task == "pretrain" and w.pem > 0
         D = cfg.text.hidden_size
 
-        self.video_encoder = VideoEncoder(cfg.vision, cfg.attention_backend)
-        if cfg.original_ckpt_freeze:  # the published QA run's frozen TimeSformer weights (see the config field)
-            self.video_encoder.freeze_as_original_checkpointing()
-        self.text_encoder = TextEncoder(cfg.text, text_only=task == "prompter", mlm_head=self.use_mlm)
-        if task != "qa":
-            self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
-            self.text_proj = nn.Linear(D, cfg.embed_dim)
-            self.temp = nn.Parameter(torch.tensor(cfg.temp_init))
         if task in ("pretrain", "retrieval"):
             self.vtm_head = nn.Linear(D, 2)  # class 1 = "match"
         if self.use_pem:
@@ -93,10 +86,9 @@ class ALPRO(nn.Module):
             if not num_answers:
                 raise ValueError("task 'qa' needs num_answers (the answer vocabulary size)")
             self.qa_head = mlp_head(D, cfg.head_hidden_scale, num_answers)
-        self.backend = {"backend": cfg.contrastive_backend} if cfg.contrastive_backend else {}
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
-    # ------------------------------------------------------------------------------------------- uniform API
+    # ------------------------------------------------- uniform API (encode_*, *_feat, clamp_temp: DualEncoder)
 
     def train(self, mode: bool = True) -> ALPRO:
         """The prompter is a frozen teacher: it stays in eval mode whatever the rest does."""
@@ -104,34 +96,6 @@ class ALPRO(nn.Module):
         if self.prompter is not None:
             self.prompter.eval()
         return self
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute TimeSformer blocks and BERT layers in backward (not the frozen prompter, which runs
-        without gradients)."""
-        self.video_encoder.grad_checkpointing = enable
-        self.text_encoder.grad_checkpointing = enable
-
-    def no_weight_decay(self) -> set[str]:
-        """Trainable parameters conventionally excluded from weight decay: biases, norms, the temperature and
-        TimeSformer's cls/pos/time embeddings."""
-        tokens = ("cls_token", "pos_embed", "time_embed")
-        return {n for n, p in self.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith(tokens))}
-
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, 1+P, D): [CLS; patches pooled over time]."""
-        return self.video_encoder(video)
-
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) -> (B, L, D): the text half of BERT."""
-        return self.text_encoder.forward_text(input_ids, attention_mask)
-
-    def video_feat(self, video_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, 1+P, D) -> (B, E): L2-normalised projection of the video CLS (what VTC compares)."""
-        return F.normalize(self.vision_proj(video_embeds[:, 0]), dim=-1)
-
-    def text_feat(self, text_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, E): L2-normalised projection of the text [CLS]."""
-        return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
     def fuse(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
         """(B, L, D), (B, L), (B, 1+P, D) -> (B, L+1+P, D) multimodal tokens; token 0 is the fused [CLS]."""
@@ -162,17 +126,7 @@ class ALPRO(nn.Module):
         self.prompter.requires_grad_(False).eval()
         return report
 
-    @torch.no_grad()
-    def clamp_temp(self) -> None:
-        self.temp.clamp_(self.cfg.temp_min, self.cfg.temp_max)
-
-    # ----------------------------------------------------------------------------------------------- losses
-
-    def vtc_loss(self, video_feat: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
-        """Symmetric InfoNCE of the local rows against every rank's features; targets offset by the global rank."""
-        video_all, text_all = all_gather_with_grad(video_feat), all_gather_with_grad(text_feat)
-        offset = get_rank() * video_feat.shape[0]
-        return contrastive_loss(video_feat, text_feat, video_all, text_all, self.temp, offset, **self.backend)
+    # ------------------------------------------------------------------------- losses (vtc_loss: DualEncoder)
 
     def forward(self, batch: Batch, negatives: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor]:
@@ -183,7 +137,7 @@ class ALPRO(nn.Module):
         replaces VTM's hard-negative sampling (reproducing a stored draw, or a custom sampler).
         Clips flagged ``batch.valid == False`` (undecodable placeholders) are dropped first.
         """
-        batch = _valid_only(batch)
+        batch = valid_only(batch)
         if self.task == "qa":
             return self._forward_qa(batch)
         self.clamp_temp()
@@ -266,22 +220,3 @@ class ALPRO(nn.Module):
         acc = ((logits.argmax(1) == target).float() * known).sum() / known.sum().clamp(min=1.0)
         return {"loss": loss, "loss_qa": loss, "acc_qa": acc}
 
-
-def _valid_only(batch: Batch) -> Batch:
-    """Drop rows whose clip could not be decoded (``batch.valid``); a no-op when every row is valid.
-
-    With several ranks VTC's gather needs the same number of rows everywhere, so a loader that flags clips
-    invalid must keep that count equal across ranks (e.g. by substituting a decodable clip).
-    """
-    if batch.valid is None or bool(batch.valid.all()):
-        return batch
-    rows = batch.valid.nonzero().squeeze(1)
-    picked = rows.tolist()
-    changes = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if torch.is_tensor(value) and value.shape[:1] == batch.valid.shape:
-            changes[f.name] = value[rows.to(value.device)]
-        elif isinstance(value, list) and len(value) == len(batch.valid):
-            changes[f.name] = [value[i] for i in picked]
-    return dataclasses.replace(batch, **changes)

@@ -1,8 +1,11 @@
-"""The PEM prompter: an ALPRO model trained with VTC only, plus entity-prompt embeddings (ALPRO.md §2.4).
+"""The PEM prompter: a dual encoder trained with VTC only, plus entity-prompt embeddings (ALPRO.md §2.4).
 
 Stage 1 trains it (``build_model(cfg, task="prompter")``). During ALPRO pre-training a frozen copy scores a
 random crop of each clip against every entity's prompt embedding; the softmax over entities is the soft
-pseudo-label the PEM head learns to predict.
+pseudo-label the PEM head learns to predict. It is :class:`ALPRO`'s sibling: both subclass
+:class:`~alpro.models.dual_encoder.DualEncoder`, and the prompter adds no head.
+
+Shapes: B clips, L text tokens, P = patches per frame, D = hidden width, E = ``embed_dim`` (256).
 """
 
 from __future__ import annotations
@@ -10,22 +13,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from alpro.data.batch import Batch
 from alpro.errors import AlproError
-from alpro.models.alpro import ALPRO
 from alpro.models.config import ModelConfig
+from alpro.models.dual_encoder import DualEncoder, valid_only
 from alpro.tasks import IMAGE_TEMPLATES, VIDEO_TEMPLATES
 
 __all__ = ["Prompter", "VIDEO_TEMPLATES", "IMAGE_TEMPLATES"]
 
-class Prompter(ALPRO):
-    """ALPRO with the text half of BERT only and VTC as its loss, holding ``video_prompt_feat`` /
+class Prompter(DualEncoder):
+    """The dual encoder with the text half of BERT only and VTC as its loss, holding ``video_prompt_feat`` /
     ``image_prompt_feat`` (entities, E): each entity's prompt embeddings averaged over the 12 templates."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, task="prompter")
+        super().__init__(cfg, task="prompter", text_only=True)
         self.register_buffer("video_prompt_feat", torch.zeros(cfg.num_entities, cfg.embed_dim))
         self.register_buffer("image_prompt_feat", torch.zeros(cfg.num_entities, cfg.embed_dim))
         self._prompts_checked = False
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Stage-1 training forward: ``loss`` (``cfg.loss.vtc`` x ``loss_vtc``), ``loss_vtc`` and ``temp``.
+        Clips flagged ``batch.valid == False`` (undecodable placeholders) are dropped first."""
+        batch = valid_only(batch)
+        self.clamp_temp()
+        out: dict[str, torch.Tensor] = {"temp": self.temp.detach()}
+        video_embeds = self.encode_video(batch.video)  # (B, 1+P, D)
+        text_embeds = self.encode_text(batch.input_ids, batch.attention_mask)  # (B, L, D)
+        video_feat, text_feat = self.video_feat(video_embeds), self.text_feat(text_embeds)  # (B, E)
+        loss = video_feat.new_zeros(())
+        if self.use_vtc:
+            out["loss_vtc"] = self.vtc_loss(video_feat, text_feat)
+            loss = loss + self.cfg.loss.vtc * out["loss_vtc"]
+        out["loss"] = loss
+        return out
 
     @torch.no_grad()
     def build_prompts(self, tokenizer, entities: list[str], batch_size: int = 1024) -> None:
