@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -60,28 +61,15 @@ PROMPT_BUFFERS = ("video_prompt_feat", "image_prompt_feat")
 
 
 def regenerate_weights(spec: dict) -> dict[str, torch.Tensor]:
-    """The reference's weight rule (README "Weight generation rule"): one ``randn`` draw of the full shape per
-    non-const parameter, in spec order, from one CPU generator; each rule's float32 expression kept exactly
-    (``x / math.sqrt(fan_in)`` divides by a Python float). Tied aliases share their target; ``position_ids`` are
-    ``arange``. The prompt buffers are not drawn: the prompter computes them."""
-    g = torch.Generator(device="cpu").manual_seed(spec["generator"]["seed"])
-    rules = {"0.5*randn": lambda x, shape: 0.5 * x,
-             "randn/sqrt(fan_in)": lambda x, shape: x / math.sqrt(math.prod(shape[1:])),
-             "1+0.1*randn": lambda x, shape: 1 + 0.1 * x,
-             "0.1*randn": lambda x, shape: 0.1 * x}
-    out: dict[str, torch.Tensor] = {}
-    for p in spec["params"]:
-        shape = tuple(p["shape"])
-        if p["init"] == "const":
-            out[p["name"]] = torch.full(shape, p["value"], dtype=torch.float32)
-        else:
-            out[p["name"]] = rules[p["init"]](torch.randn(shape, generator=g, dtype=torch.float32), shape)
-    for alias, target in spec["aliases"].items():
-        out[alias] = out[target]
-    for b in spec["buffers"]:
-        if b["init"] == "arange":
-            out[b["name"]] = torch.arange(math.prod(b["shape"]), dtype=torch.int64).view(b["shape"])
-    return out
+    """The reference's weight rule (README "Weight generation rule"), run by the reference's own script shipped
+    beside the data (one ``randn`` per non-const parameter in spec order from one CPU generator; tied aliases;
+    ``arange`` position ids; the prompt buffers are not drawn: the prompter computes them). The sha256 of every
+    tensor is checked against param_spec.json by the tests, so the script cannot drift unnoticed."""
+    script = DATA / "generate_weights.py"
+    module_spec = importlib.util.spec_from_file_location("alpro_parity_generate_weights", script)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.generate_weights(spec)
 
 
 def config_from_meta(meta: dict, pem_discard: str = "argmax_index") -> ModelConfig:
