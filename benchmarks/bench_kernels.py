@@ -137,6 +137,21 @@ def autotune_winners(op: str) -> str:
                      if getattr(att.TUNED[n], "best_config", None) is not None)  # fmt: skip
 
 
+def time_and_peak(run, grads: list[torch.Tensor]) -> tuple[list[float], float]:
+    """One warm-up call, the peak memory (MB above what was allocated before) of a second call, then
+    ``do_bench``'s p50/p20/p80 milliseconds."""
+    import triton.testing
+
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return triton.testing.do_bench(run, quantiles=QUANTILES, grad_to_none=grads), peak_mb
+
+
 def attention_cost(op: str, B: int, T: int, N: int, H: int, Dh: int, elem: int, backward: bool) -> tuple:
     """(FLOPs by FlashAttention's count, minimum bytes moved). Forward: read qkv, write out. Backward: read qkv and
     dout, write dqkv; the spatial backward also reads out (for Delta = rowsum(dO * O)), the temporal one does not
@@ -150,7 +165,6 @@ def attention_cost(op: str, B: int, T: int, N: int, H: int, Dh: int, elem: int, 
 
 
 def bench_attention_gpu(env: dict, quick: bool, dtypes: list[str]) -> list[dict]:
-    import triton.testing
 
     providers = ["naive", "sdpa", "triton", "triton_det"] + (["xformers"] if env["xformers"] else [])
     peak = hbm_peak(env["device"])
@@ -172,14 +186,7 @@ def bench_attention_gpu(env: dict, quick: bool, dtypes: list[str]) -> list[dict]
                                    "dtype": dname}  # fmt: skip
                             try:
                                 run, values = attention_fn(op, provider, qkv, T, H, backward)
-                                run()
-                                torch.cuda.synchronize()
-                                torch.cuda.reset_peak_memory_stats()
-                                base = torch.cuda.memory_allocated()
-                                run()
-                                torch.cuda.synchronize()
-                                peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-                                ms = triton.testing.do_bench(run, quantiles=QUANTILES, grad_to_none=[qkv])
+                                ms, peak_mb = time_and_peak(run, [qkv])
                                 err = max_error(values, qkv, reference)
                             except Exception as e:  # one provider failing (e.g. OOM for naive at B=64) keeps the rest
                                 rows.append(row | {"note": f"{type(e).__name__}: {e}"[:200]})
@@ -200,7 +207,6 @@ def bench_attention_gpu(env: dict, quick: bool, dtypes: list[str]) -> list[dict]
 
 
 def bench_contrastive_gpu(quick: bool, dtypes: list[str]) -> list[dict]:
-    import triton.testing
 
     rows = []
     shapes = ((256, 256), (4096, 4096)) if quick else ((16, 256), (256, 256), (4096, 32768), (16384, 16384))
@@ -221,14 +227,7 @@ def bench_contrastive_gpu(quick: bool, dtypes: list[str]) -> list[dict]:
                 CL.contrastive_loss(va[:M], ta[:M], va, ta, temp, 0, backend=provider).backward()
 
             try:
-                run()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                run()
-                torch.cuda.synchronize()
-                peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-                ms = triton.testing.do_bench(run, quantiles=QUANTILES, grad_to_none=[va, ta, temp])
+                ms, peak_mb = time_and_peak(run, [va, ta, temp])
                 with torch.no_grad():
                     loss = CL.contrastive_loss(va[:M], ta[:M], va, ta, temp, 0, backend=provider).item()
             except Exception as e:
