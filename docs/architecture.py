@@ -67,7 +67,7 @@ def main() -> None:
 
     cx, w = 10, 64  # main column: x from 10 to 74
     # ---- offline sharding ----
-    box(ax, cx + 12, 128, 40, 5.5, "mp4 / jpg + manifest", "raw videos, captions, QA", C["input"])
+    box(ax, cx + 12, 128, 40, 5.5, "mp4 / jpg + manifest", "raw videos, or alpro synth (alpro.corpus)", C["input"])
     box(ax, cx, 117, w, 7, "alpro shard   (sharding/ = alpro.sharding)",
         "manifest.py -> media.py (transcode) -> writer.py -> index.py", C["shard"])
     box(ax, cx, 106.5, w, 7, "tar shards + index.json.zst",
@@ -123,7 +123,7 @@ def main() -> None:
     arrow(ax, 42, 37.2, 42, 31.3, "loss.backward / engine.step")
     ow = 14.5
     outs = [("checkpoints", "checkpoint.py"), ("export", "export.py"), ("eval", "evaluate.py"),
-            ("apps", "demo, search, plots")]
+            ("alpro.apps", "demo, search")]
     for i, (t, s) in enumerate(outs):
         bx = cx + i * (ow + 2.0)
         box(ax, bx, 6, ow, 6.5, t, s, C["out"], size=9)

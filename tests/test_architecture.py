@@ -117,8 +117,6 @@ def test_model_never_imports_train_and_sees_kernels_only_through_the_dispatch():
 
 def test_model_network_takes_only_batch_from_the_data_package():
     for module in _in_package("alpro.models"):
-        if module == "alpro.models.entities":  # the offline `alpro entities` tool reads shards on purpose
-            continue
         data = {n for n in _alpro_imports(module) if _under(n, "alpro.data")}
         assert all(_under(n, "alpro.data.batch") for n in data), f"{module} imports {sorted(data)}"
 
@@ -130,11 +128,28 @@ def test_sharding_never_imports_model_train_or_kernels():
         assert not bad, f"{module} imports {sorted(bad)}"
 
 
-def test_nothing_but_train_imports_train():
+def test_corpus_tools_never_import_model_train_kernels_or_apps():
+    assert _in_package("alpro.corpus")
+    for module in _in_package("alpro.corpus"):
+        bad = {n for n in _alpro_imports(module)
+               if any(_under(n, p) for p in ("alpro.models", "alpro.train", "alpro.kernels", "alpro.apps"))}
+        assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_nothing_but_train_and_apps_imports_train():
     for module in modules():
-        if _under(module, "alpro.train"):
+        if _under(module, "alpro.train") or _under(module, "alpro.apps"):
             continue
         bad = {n for n in _alpro_imports(module) if _under(n, "alpro.train")}
+        assert not bad, f"{module} imports {sorted(bad)}"
+
+
+def test_apps_are_the_top_nothing_imports_them():
+    assert _in_package("alpro.apps")
+    for module in modules():
+        if _under(module, "alpro.apps"):
+            continue
+        bad = {n for n in _alpro_imports(module) if _under(n, "alpro.apps")}
         assert not bad, f"{module} imports {sorted(bad)}"
 
 

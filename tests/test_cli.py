@@ -28,10 +28,10 @@ def test_python_dash_m_alpro():
 # Every `python -m` entry point of the package (the `alpro` commands and the helper scripts). Those under
 # alpro.train and the sharder fail on their bad argument in about a second, but tests/conftest.py's rule counts any
 # `-m alpro.train...` / `-m alpro.sharding.shard` command line as a trainer or sharder spawn, so they run as slow.
-FAST_ENTRY_POINTS = ["alpro", "alpro.models.entities", "alpro.sharding.synth", "alpro.sharding.inspect",
+FAST_ENTRY_POINTS = ["alpro", "alpro.corpus.entities", "alpro.corpus.synth", "alpro.sharding.inspect",
                      "alpro.kernels.compile_check"]
 SPAWN_RULE_ENTRY_POINTS = ["alpro.train", "alpro.train.evaluate", "alpro.train.export", "alpro.train.plots",
-                           "alpro.train.demo", "alpro.train.demo_report", "alpro.sharding.shard"]
+                           "alpro.apps.demo", "alpro.apps.demo_report", "alpro.sharding.shard"]
 
 
 def _bad_argument_is_one_line(module: str) -> None:

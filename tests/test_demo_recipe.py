@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from alpro.models.entities import main as entities_main
-from alpro.models.entities import read_entities
-from alpro.sharding.synth import generate
+from alpro.corpus.entities import main as entities_main
+from alpro.corpus.entities import read_entities
+from alpro.corpus.synth import generate
 from alpro.train.config import load_run_config
 
 DEMO = Path(__file__).resolve().parents[1] / "launch" / "configs" / "demo"

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 
 from alpro.errors import AlproError
-from alpro.models.entities import heuristic_nouns, main, read_entities, read_unigrams
+from alpro.corpus.entities import heuristic_nouns, main, read_entities, read_unigrams
 
 
 @pytest.mark.parametrize("caption, nouns", [

@@ -457,7 +457,7 @@ def test_contact_sheet_with_hits_missing_from_the_shards(tmp_path, clips, capsys
     from safetensors.torch import save_file
     from torch import zeros
 
-    from alpro.train.search import contact_sheet
+    from alpro.apps.search import contact_sheet
 
     shards = write_shards(tmp_path / "set", _good(clips, 2), per_shard=2)
     index = tmp_path / "index"

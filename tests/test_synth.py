@@ -15,8 +15,8 @@ from PIL import Image
 
 from alpro.cli import main as cli_main
 from alpro.errors import AlproError
-from alpro.sharding import synth
-from alpro.sharding.synth import (
+from alpro.corpus import synth
+from alpro.corpus.synth import (
     BACKGROUNDS,
     COLORS,
     COUNT_WORDS,

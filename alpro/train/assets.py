@@ -81,7 +81,7 @@ def _read_vocab(path: Path) -> dict[str, int]:
 def build_initialised_model(cfg, task: str, tokenizer, answer_vocab: dict[str, int] | None, rank: int):
     """Build the stage's model and load its initial weights (never a resume: that is the engine's job)."""
     from alpro.models import build_model, load_bert_weights, load_checkpoint, load_vit_weights
-    from alpro.models.entities import read_entities
+    from alpro.corpus.entities import read_entities
 
     entities = None
     num_entities = None

@@ -8,7 +8,7 @@
 4. the prompter (VTC only), 5. ALPRO pre-training with VTC + VTM + MLM + PEM under DeepSpeed ZeRO-2 on
    2 processes (torchrun), 6. zero-shot text->video retrieval on the held-out test clips,
 7. QA fine-tuning and 8. QA evaluation on the test clips;
-9. what was learned (:mod:`alpro.train.demo_report`): QA accuracy per question type and zero-shot retrieval's
+9. what was learned (:mod:`alpro.apps.demo_report`): QA accuracy per question type and zero-shot retrieval's
    top-1 agreement per caption attribute, against chance, in ``OUT/report.json`` and ``OUT/learned.png``;
 10. a results table against chance / the majority answer (overall and per question type), written to
    ``OUT/results.md`` and ``results.json``, next to every run's plots (``OUT/runs/*/plots/*.png``).
@@ -125,7 +125,7 @@ def run_demo(out: Path, num_clips: int, nproc: int, scale: float) -> dict:
          _alpro("eval", str(runs / "qa"), "--split", "test", "--no-progress", "--out", str(results_dir / "qa.json"),
                 *test))
     step("report", (out / "report.json").is_file() and (out / "learned.png").is_file(),
-         [sys.executable, "-m", "alpro.train.demo_report", str(runs / "pretrain"), "--corpus", str(corpus),
+         [sys.executable, "-m", "alpro.apps.demo_report", str(runs / "pretrain"), "--corpus", str(corpus),
           "--qa", str(results_dir / "qa.json"), "--k-test", "16", "--out", str(out), *test])
 
     retrieval = json.loads((results_dir / "zeroshot_retrieval.json").read_text())

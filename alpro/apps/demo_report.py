@@ -1,6 +1,6 @@
 """What the demo learned, per question type and per caption attribute: ``OUT/report.json`` and ``OUT/learned.png``.
 
-    python -m alpro.train.demo_report demo_out/runs/pretrain --corpus demo_out/corpus --qa demo_out/results/qa.json \\
+    python -m alpro.apps.demo_report demo_out/runs/pretrain --corpus demo_out/corpus --qa demo_out/results/qa.json \\
         --out demo_out
 
 Retrieval by attribute: for every test caption the top-1 clip of the text->video ranking (VTC cosine, and the LAVIS
@@ -185,7 +185,7 @@ def build_report(run: Path | None, corpus: Path, qa_json: Path | None, split: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m alpro.train.demo_report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m alpro.apps.demo_report", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, nargs="?", default=None, help="a finished pre-training (or prompter) run")
     p.add_argument("--corpus", type=Path, required=True, help="the synth corpus directory (manifest.jsonl)")
     p.add_argument("--qa", type=Path, default=None, help="QA results JSON from alpro eval")

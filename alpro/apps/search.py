@@ -222,7 +222,7 @@ def classify(index_dir: Path, labels: list[str], top: int = 3) -> list[dict[str,
 
 
 def _labels_for(args, meta: dict[str, Any]) -> list[str]:
-    from alpro.models.entities import read_entities
+    from alpro.corpus.entities import read_entities
 
     if args.labels:
         path = Path(args.labels)
