@@ -20,20 +20,20 @@ from alpro.errors import AlproError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     # data
-    "synth": ("alpro.sharding.synth", "generate the embedded 'shapes world' corpus (mp4 + jpg + manifest)"),
+    "synth": ("alpro.corpus.synth", "generate the embedded 'shapes world' corpus (mp4 + jpg + manifest)"),
     "shard": ("alpro.sharding.shard", "pack a manifest into transcoded WebDataset tar shards"),
     "inspect": ("alpro.sharding.inspect", "summarise a shard set (counts, durations, sizes, rejects)"),
-    "entities": ("alpro.models.entities", "build the PEM entity list (unigrams.txt) from corpus captions"),
+    "entities": ("alpro.corpus.entities", "build the PEM entity list (unigrams.txt) from corpus captions"),
     # training and evaluation
     "train": ("alpro.train", "train one stage (prompter, pretrain, retrieval, qa) from a YAML config"),
     "eval": ("alpro.train.evaluate", "evaluate retrieval or QA, zero-shot or fine-tuned"),
     "export": ("alpro.train.export", "write one consolidated safetensors file from a (ZeRO) checkpoint"),
     "plot": ("alpro.train.plots", "draw the PNG plots of a run directory"),
     # applications
-    "index": ("alpro.train.search:index_main", "embed a shard collection with a trained checkpoint"),
-    "search": ("alpro.train.search:search_main", "text -> ranked clips over an index (VTC top-k, VTM re-rank)"),
-    "classify": ("alpro.train.search:classify_main", "label clips zero-shot with entity prompts"),
-    "demo": ("alpro.train.demo", "the main job end to end on the embedded corpus (what `make demo` runs)"),
+    "index": ("alpro.apps.search:index_main", "embed a shard collection with a trained checkpoint"),
+    "search": ("alpro.apps.search:search_main", "text -> ranked clips over an index (VTC top-k, VTM re-rank)"),
+    "classify": ("alpro.apps.search:classify_main", "label clips zero-shot with entity prompts"),
+    "demo": ("alpro.apps.demo", "the main job end to end on the embedded corpus (what `make demo` runs)"),
 }
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from alpro.errors import AlproError
 from alpro.apps.demo import results_table
 from alpro.apps.demo_report import build_report, per_attribute_retrieval, plot, qa_baselines, read_manifest
+from alpro.errors import AlproError
 
 
 def _clip(cid: str, bg: str, objects: list[tuple[str, str, str]], split: str = "test", qa=()) -> dict:

@@ -8,8 +8,8 @@ import tarfile
 
 import pytest
 
-from alpro.errors import AlproError
 from alpro.corpus.entities import heuristic_nouns, main, read_entities, read_unigrams
+from alpro.errors import AlproError
 
 
 @pytest.mark.parametrize("caption, nouns", [

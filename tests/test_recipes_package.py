@@ -24,8 +24,8 @@ def test_packaged_demo_recipes_are_copies_of_launch():
 
 
 def test_demo_reads_the_packaged_recipes_and_they_resolve():
-    from alpro.train.config import load_run_config
     from alpro.apps.demo import CONFIGS
+    from alpro.train.config import load_run_config
 
     assert CONFIGS == recipe_dir("demo") and CONFIGS.is_relative_to(REPO / "alpro")
     for name in ("prompter", "pretrain", "qa"):

@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 
 from alpro.cli import main as cli_main
-from alpro.errors import AlproError
 from alpro.corpus import synth
 from alpro.corpus.synth import (
     BACKGROUNDS,
@@ -32,6 +31,7 @@ from alpro.corpus.synth import (
     plan_scenes,
     render_clip,
 )
+from alpro.errors import AlproError
 
 # Tiny media keep the module fast: 96x72 at 12 fps is ~24-96 frames per clip.
 OPTS = dict(num_clips=24, num_images=8, seed=7, fps=12, size=(96, 72), progress=False)

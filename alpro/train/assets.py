@@ -80,8 +80,8 @@ def _read_vocab(path: Path) -> dict[str, int]:
 
 def build_initialised_model(cfg, task: str, tokenizer, answer_vocab: dict[str, int] | None, rank: int):
     """Build the stage's model and load its initial weights (never a resume: that is the engine's job)."""
-    from alpro.models import build_model, load_bert_weights, load_checkpoint, load_vit_weights
     from alpro.corpus.entities import read_entities
+    from alpro.models import build_model, load_bert_weights, load_checkpoint, load_vit_weights
 
     entities = None
     num_entities = None
