@@ -30,7 +30,7 @@ from alpro.errors import ConfigError
 T = TypeVar("T")
 
 __all__ = ["from_dict", "to_dict", "load_yaml", "apply_overrides", "parse_overrides", "merge", "ConfigError",
-           "field_docs", "command_parser", "parse_command"]
+           "field_docs", "field_groups", "option", "command_parser", "parse_command", "parse_command_overrides"]
 
 
 def _type_name(tp: Any) -> str:
@@ -119,17 +119,21 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and missing fields raise ConfigError."""
-    data = dict(data or {})
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = _gather_flat(cls, dict(data or {}), where)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            known = sorted(_flat_names(cls)) if len(_flat_names(cls)) > len(fields) else list(fields)
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
             raise ConfigError(f"unknown key '{path}'{hint}")
-        kwargs[key] = _convert(value, hints[key], path)
+        if _cli(fields[key]).get("flat"):  # its keys are the command's own: errors name 'gop', not 'video.gop'
+            kwargs[key] = value if isinstance(value, hints[key]) else from_dict(hints[key], value, where)
+        else:
+            kwargs[key] = _convert(value, hints[key], path)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required key '{where + '.' if where else ''}{name}'")
@@ -257,73 +261,231 @@ def apply_overrides(data: dict[str, Any], args: list[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ command lines
 
 
+def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           positional: bool | None = None, flat: bool = False, metavar: str | None = None) -> Any:
+    """A dataclass field with command-line details for :func:`command_parser` (use it like ``field``).
+
+    - ``positional``: given by position; with a default it may be left out. By default a field without a default
+      is positional and every other field a ``--flag``; ``positional=False`` without a default is a required flag.
+    - ``flat``: a nested options dataclass whose fields are options of the command itself (``--gop``, not
+      ``--video.gop``); :func:`from_dict` also takes those fields at the top level (``{"gop": 4}``), over the
+      field's default instance.
+    - ``metavar``: the placeholder shown in ``--help`` (default: the field name in capitals).
+    """
+    cli = {"positional": positional, "flat": flat, "metavar": metavar}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"cli": cli})
+
+
+def _cli(f: dataclasses.Field) -> dict[str, Any]:
+    return f.metadata.get("cli", {})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def _flat_fields(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    """The ``flat`` fields of dataclass ``cls`` with their (nested dataclass) types."""
+    hints = get_type_hints(cls)
+    out = [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init and _cli(f).get("flat")]
+    for f, tp in out:
+        if not dataclasses.is_dataclass(tp):
+            raise TypeError(f"{cls.__name__}.{f.name}: only a dataclass field can be flat")
+    return out
+
+
+def _flat_names(cls: type) -> set[str]:
+    """Every key :func:`from_dict` takes at the top level of ``cls``: its fields and those of its flat fields."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for _, tp in _flat_fields(cls):
+        names |= _flat_names(tp)
+    return names
+
+
+def _gather_flat(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Move the top-level keys of ``data`` that belong to a flat field of ``cls`` into that field's mapping,
+    on top of the field's default instance (so ``{"gop": 4}`` keeps the other defaults the field chose)."""
+    own = {f.name for f in dataclasses.fields(cls) if f.init}
+    for f, tp in _flat_fields(cls):
+        names = _flat_names(tp)
+        picked = {k: data.pop(k) for k in list(data) if k not in own and k in names}
+        given = data.get(f.name)
+        if not picked and given is None:
+            continue
+        default = _default(f)
+        base = to_dict(default) if default is not dataclasses.MISSING else {}
+        if dataclasses.is_dataclass(given) and not isinstance(given, type):
+            given = to_dict(given)
+        elif given is not None and not isinstance(given, dict):
+            raise ConfigError(f"'{where + '.' if where else ''}{f.name}' must be a mapping of {tp.__name__} fields, "
+                              f"got {given!r}")
+        data[f.name] = {**base, **(given or {}), **picked}
+    return data
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of dataclass ``cls`` (and its dataclass bases): the string literal written right
     under a field. Read from the source with ``ast``, not from ``field(metadata=...)``: every config here already
     documents its fields that way, so ``--help`` and a reader of the source see the same one text."""
+    return {name: doc for name, (doc, _) in _field_source(cls).items() if doc is not None}
+
+
+def field_groups(cls: type) -> dict[str, str]:
+    """The section of each field of dataclass ``cls``: the comment line standing alone right above a field
+    (``# inputs``) opens a section that the following fields belong to. ``--help`` shows one group per section."""
+    return {name: group for name, (_, group) in _field_source(cls).items() if group is not None}
+
+
+def _field_source(cls: type) -> dict[str, tuple[str | None, str | None]]:
+    """name -> (docstring, section comment) of the fields of ``cls``, read from the source."""
     import ast
     import inspect
     import textwrap
 
-    docs: dict[str, str] = {}
+    out: dict[str, tuple[str | None, str | None]] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):  # no source (a frozen or generated class): no help text
             continue
+        tree = ast.parse(source)
+        lines = source.splitlines()
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-                docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+        group = None
+        for i, node in enumerate(body):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
+            if above.startswith("#"):
+                group = above.lstrip("#").strip()
+            after = body[i + 1] if i + 1 < len(body) else None
+            doc = None
+            if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                doc = " ".join(after.value.value.split())
+            out[node.target.id] = (doc, group)
+    return out
 
 
-def command_parser(cls: type, prog: str, description: str | None = None):
-    """An ``argparse`` parser for the options dataclass ``cls``: a field without a default is a positional
-    argument, every other field a ``--dashed-name`` flag (a bool defaulting to false is a switch, one defaulting
-    to true is ``--no-name``), with the field's docstring as help. Values are checked by :func:`from_dict`, so a
-    bad value is the same one-line ``ConfigError`` as in a YAML file."""
+@dataclasses.dataclass
+class _Arg:
+    """One command-line argument: a field of the options class or of one of its flat fields."""
+
+    name: str
+    tp: Any
+    field: dataclasses.Field
+    default: Any
+    doc: str
+    group: str | None
+
+
+def _arguments(cls: type, default: Any = dataclasses.MISSING, group: str | None = None) -> list[_Arg]:
+    """The arguments of ``cls``, flat fields expanded in place (their defaults read from ``default``, the
+    parent's default instance of them)."""
+    hints = get_type_hints(cls)
+    docs, groups = field_docs(cls), field_groups(cls)
+    out: list[_Arg] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        value = getattr(default, f.name) if default is not dataclasses.MISSING else _default(f)
+        section = groups.get(f.name, group)
+        if _cli(f).get("flat"):
+            out += _arguments(hints[f.name], value, section)
+        else:
+            out.append(_Arg(f.name, hints[f.name], f, value, docs.get(f.name, ""), section))
+    return out
+
+
+def _is_list(tp: Any) -> bool:
+    return get_origin(tp) in (list, tuple) or any(
+        get_origin(a) in (list, tuple) for a in get_args(tp) if a is not type(None))
+
+
+def _choices(tp: Any) -> tuple | None:
+    """The values of a ``Literal`` type (also inside ``Optional`` or a list), for the help's placeholder."""
+    for t in (tp, *get_args(tp)):
+        if get_origin(t) is Literal:
+            return get_args(t)
+        if get_origin(t) in (list, tuple) and get_args(t) and get_origin(get_args(t)[0]) is Literal:
+            return get_args(get_args(t)[0])
+    return None
+
+
+def command_parser(cls: type, prog: str, description: str | None = None, epilog: str | None = None):
+    """An ``argparse`` parser for the options dataclass ``cls``.
+
+    A field without a default is a positional argument and every other field a ``--dashed-name`` flag (see
+    :func:`option` for positionals with a default, required flags and flat nested options): a bool defaulting to
+    false is a switch, one defaulting to true is ``--no-name``; a list is one value per flag, repeatable
+    (``--qa a.jsonl --qa b.jsonl``). The help is the field's docstring, and the fields under a ``# section``
+    comment form a group. Values are checked by :func:`from_dict` (see :func:`parse_command`), so a bad value
+    is the same one-line ``ConfigError`` as in a YAML file."""
     import argparse
 
-    hints = get_type_hints(cls)
-    docs = field_docs(cls)
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    for f in dataclasses.fields(cls):
-        tp, help_text = hints[f.name], docs.get(f.name, "")
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            p.add_argument(f.name, help=help_text)
-        elif tp is bool:
-            if f.default:
-                p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=help_text)
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    groups: dict[str | None, Any] = {None: p}
+    for a in _arguments(cls):
+        target = groups.get(a.group) or groups.setdefault(a.group, p.add_argument_group(a.group))
+        cli = _cli(a.field)
+        help_text = a.doc.replace("%", "%%")
+        choices = _choices(a.tp)
+        metavar = cli.get("metavar") or ("{" + ",".join(str(c) for c in choices) + "}" if choices else None)
+        required = a.default is dataclasses.MISSING
+        if cli.get("positional") or (required and cli.get("positional") is None):
+            nargs = None if required else "?"
+            target.add_argument(a.name, nargs=nargs, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+            continue
+        flag = "--" + a.name.replace("_", "-")
+        if a.tp is bool:
+            if a.default is True:
+                target.add_argument("--no-" + a.name.replace("_", "-"), dest=a.name, action="store_false",
+                                    default=argparse.SUPPRESS, help=help_text)
             else:
-                p.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            is_list = get_origin(tp) in (list, tuple) or any(
-                get_origin(a) in (list, tuple) for a in get_args(tp) if a is not type(None))
-            p.add_argument(flag, dest=f.name, nargs="+" if is_list else None, default=argparse.SUPPRESS,
-                           metavar=f.name.upper(), help=f"{help_text} (default: {default})".strip())
+                target.add_argument(flag, dest=a.name, action="store_true", default=argparse.SUPPRESS,
+                                    help=help_text)
+            continue
+        shown = "" if required or a.default is None or a.default == [] or a.default == () else f" (default: {a.default})"
+        target.add_argument(flag, dest=a.name, action="append" if _is_list(a.tp) else "store", required=required,
+                            default=argparse.SUPPRESS, metavar=metavar or a.name.upper(),
+                            help=f"{help_text}{shown}".strip())
     return p
 
 
-def parse_command(cls: type[T], argv: list[str], prog: str, description: str | None = None) -> T:
+def parse_command(cls: type[T], argv: list[str], prog: str, description: str | None = None,
+                  epilog: str | None = None) -> T:
     """``argv`` -> an instance of ``cls`` through :func:`command_parser` and :func:`from_dict` (string values are
     read as YAML scalars, as ``--section.key value`` overrides are, then checked against the field types)."""
-    hints = get_type_hints(cls)
-    args = vars(command_parser(cls, prog, description).parse_args(argv))
+    parser = command_parser(cls, prog, description, epilog)
+    return _from_args(cls, vars(parser.parse_args(argv)))
+
+
+def parse_command_overrides(cls: type[T], argv: list[str], prog: str, description: str | None = None,
+                            epilog: str | None = None) -> tuple[T, list[str]]:
+    """:func:`parse_command` for a command that also takes ``--section.key VALUE`` config overrides: returns the
+    options and the arguments that are not options of ``cls`` (for :func:`apply_overrides`)."""
+    parser = command_parser(cls, prog, description, epilog)
+    known, rest = parser.parse_known_args(argv)
+    return _from_args(cls, vars(known)), rest
+
+
+def _from_args(cls: type[T], args: dict[str, Any]) -> T:
+    types_ = {a.name: a.tp for a in _arguments(cls)}
     data: dict[str, Any] = {}
     for name, value in args.items():
-        tp = hints[name]
+        tp = types_[name]
         plain = tp in (str, Path) or (get_origin(tp) in (Union, types.UnionType)
                                       and all(a in (str, Path, type(None)) for a in get_args(tp)))
-        if isinstance(value, str) and not plain:
+        if _is_list(tp):
+            item = next((get_args(a)[0] for a in (tp, *get_args(tp)) if get_origin(a) in (list, tuple)), Any)
+            plain = item in (str, Path)
+            value = [v if plain or not isinstance(v, str) else _scalar(v) for v in value]
+        elif isinstance(value, str) and not plain:
             value = _scalar(value)
-        elif isinstance(value, list):
-            value = [v if plain else _scalar(v) for v in value]
         data[name] = value
     return from_dict(cls, data)
 

@@ -81,7 +81,8 @@ def test_command_options_from_a_dataclass_with_docstring_help(capsys):
         tags: list[str] = field(default_factory=list)
 
     assert field_docs(Opts) == {"src": "where from", "out": "where to", "count": "how many", "dry_run": "only print"}
-    o = parse_command(Opts, ["in", "--count", "5", "--mode", "b", "--dry-run", "--no-progress", "--tags", "x", "y"],
+    o = parse_command(Opts, ["in", "--count", "5", "--mode", "b", "--dry-run", "--no-progress", "--tags", "x",
+                          "--tags", "y"],
                       prog="t")
     assert o == Opts(Path("in"), None, 5, "b", True, False, ["x", "y"])
     assert parse_command(Opts, ["in"], prog="t") == Opts(Path("in"))
