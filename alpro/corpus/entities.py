@@ -98,10 +98,10 @@ def captions_from_shards(spec: str) -> Iterator[str]:
     lines). A sample that cannot be read is an error: a silently smaller count would change the list."""
     from alpro.data.samples import captions_of, read_meta
     from alpro.data.shards import SampleError, resolve
-    from alpro.data.sources import map_heads
+    from alpro.data.sources import iter_heads
 
     shardset = resolve(spec, "--shards")
-    for found in map_heads(shardset, lambda members: captions_of(read_meta(members), members)):
+    for found in iter_heads(shardset, lambda members: captions_of(read_meta(members), members)):
         if isinstance(found, SampleError):
             raise AlproError(f"--shards {spec}: a sample cannot be read ({found})")
         yield from found

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,10 @@ from alpro.errors import AlproError
 from alpro.tasks import TASKS
 
 LOG = logging.getLogger("alpro.data")
+HEADS_WORKERS = 8
+"""Threads of :func:`iter_heads` (the reads are I/O bound)."""
+HEADS_WINDOW = 2048
+"""Samples :func:`iter_heads` keeps submitted and not yet yielded (its bounded window of in-flight work)."""
 LEFT_OUT = {"missing_text": "without caption/question", "truncated": "cut off by a truncated tar",
             "bad_metadata": "with a malformed KEY.json"}
 """How the warning names the samples :func:`item_table` leaves out, by reason."""
@@ -51,23 +56,27 @@ def task_sources(cfg: DataConfig, task: str, split: str) -> list[tuple[str, Any,
 
 
 def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int | None = None,
-              cfg: DataConfig | None = None) -> list:
+              cfg: DataConfig | None = None, window: int = HEADS_WINDOW) -> list:
     """``fn(members)`` over the small members (json, txt) of samples ``ids`` (default: all, or ``limit`` spread
-    evenly over the set), read in parallel threads (I/O bound); where a sample cannot be read or ``fn`` rejects
-    it, the :class:`SampleError` itself (its ``reason`` says why). Streaming sets are read front to back up to
+    evenly over the set), as a list in the order of ``ids``: :func:`iter_heads` collected (see there). Callers
+    that only aggregate should iterate :func:`iter_heads` instead and keep O(window) memory."""
+    return list(iter_heads(shardset, fn, ids, limit, cfg, window))
+
+
+def iter_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int | None = None,
+               cfg: DataConfig | None = None, window: int = HEADS_WINDOW) -> Iterator:
+    """``fn(members)`` over the small members (json, txt) of samples ``ids`` (default: all, or ``limit`` spread
+    evenly over the set), yielded in the order of ``ids``, read in parallel threads (I/O bound); where a sample
+    cannot be read or ``fn`` rejects it, the :class:`SampleError` itself (its ``reason`` says why). At most
+    ``window`` samples are submitted and not yet yielded at any time (chunks of up to 64 ids per task), so
+    memory and queued work stay bounded whatever the set's size. Streaming sets are read front to back up to
     ``limit`` samples. ``cfg`` supplies the size caps and ``pipe:`` retries (defaults when None)."""
     cfg = cfg or DataConfig()
+    if window < 1:
+        raise ValueError(f"iter_heads: window must be >= 1, got {window}")
     if shardset.streaming:
-        out: list = []
-        try:
-            for shard in shardset.shards:
-                for _, members in stream_samples(shard.url, out.append, cfg.limits, cfg.pipe_retries):
-                    out.append(_try(fn, members))
-                    if limit is not None and len(out) >= limit:
-                        return out
-        except AlproError as e:  # a failing pipe: command, named with the source it belongs to
-            raise AlproError(f"{shardset.name}: {e}") from None
-        return out
+        yield from _stream_heads(shardset, fn, limit, cfg)
+        return
     n = len(shardset)
     if ids is None:
         ids = np.arange(n) if limit is None or limit >= n else np.linspace(0, n - 1, limit).astype(np.int64)
@@ -82,8 +91,40 @@ def map_heads(shardset: ShardSet, fn, ids: np.ndarray | None = None, limit: int 
         except SampleError as e:
             return e
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, ids, chunksize=64))
+    chunk = max(1, min(64, window // HEADS_WORKERS))
+    most = max(1, window // chunk)  # chunks in flight: most * chunk <= window
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=HEADS_WORKERS) as pool:
+        try:
+            for start in range(0, len(ids), chunk):
+                if len(pending) >= most:
+                    yield from pending.popleft().result()
+                pending.append(pool.submit(lambda part: [one(g) for g in part], ids[start:start + chunk]))
+            while pending:
+                yield from pending.popleft().result()
+        finally:  # a consumer that stops early: drop the queued chunks instead of reading them
+            for f in pending:
+                f.cancel()
+
+
+def _stream_heads(shardset: ShardSet, fn, limit: int | None, cfg: DataConfig) -> Iterator:
+    """A streaming set front to back; a shard's read errors come in order, before the sample that follows them,
+    and count towards ``limit`` (which is checked after each sample)."""
+    n, errors = 0, []
+    try:
+        for shard in shardset.shards:
+            for _, members in stream_samples(shard.url, errors.append, cfg.limits, cfg.pipe_retries):
+                yield from errors
+                n += len(errors) + 1
+                errors.clear()
+                yield _try(fn, members)
+                if limit is not None and n >= limit:
+                    return
+            yield from errors
+            n += len(errors)
+            errors.clear()
+    except AlproError as e:  # a failing pipe: command, named with the source it belongs to
+        raise AlproError(f"{shardset.name}: {e}") from None
 
 
 def _try(fn, members):
@@ -110,13 +151,16 @@ def item_table(shardset: ShardSet, kind: str, task: str, train: bool, cfg: DataC
     per_caption = task == "retrieval" and train and cfg.retrieval_items == "per_caption" and not cfg.paragraph
     if not (task == "qa" or per_caption):
         return ItemTable(shardset, ids, np.full(len(ids), -1, np.int32)), Counter()
-    found = map_heads(shardset, lambda m: count_subitems(task, m), ids, cfg=cfg)
-    left_out = Counter(f.reason if not _ok(f) else "missing_text" for f in found if not _ok(f) or not f)
-    counts = np.array([f if _ok(f) else (0 if train else 1) for f in found], dtype=np.int64)
+    left_out: Counter = Counter()
+    counts = np.empty(len(ids), dtype=np.int64)
+    for i, f in enumerate(iter_heads(shardset, lambda m: count_subitems(task, m), ids, cfg=cfg)):
+        if not _ok(f) or not f:
+            left_out[f.reason if not _ok(f) else "missing_text"] += 1
+        counts[i] = f if _ok(f) else (0 if train else 1)
     if not train:
         left_out = Counter({"missing_text": left_out["missing_text"]} if left_out["missing_text"] else {})
     sample = np.repeat(ids, counts)
-    sub = np.concatenate([np.arange(c, dtype=np.int32) for c in counts] or [np.zeros(0, np.int32)])
+    sub = (np.arange(len(sample), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.int32)
     return ItemTable(shardset, sample, sub), left_out
 
 
@@ -133,7 +177,7 @@ def build_answer_vocab(train_source: str | list[str] | DataConfig, top_k: int = 
     shardset = resolve(spec, "qa answers", index, cfg.allow_index_outside)
     answers_of = lambda m: [str(p.get("answer", "")).strip() for p in qa_of(read_meta(m))]  # noqa: E731
     counts: Counter = Counter()
-    for answers in map_heads(shardset, answers_of, cfg=cfg):
+    for answers in iter_heads(shardset, answers_of, cfg=cfg):
         counts.update(a for a in (answers if _ok(answers) else []) if a)
     if not counts:
         raise AlproError(f"build_answer_vocab: no QA answers in {spec}")
@@ -154,6 +198,6 @@ def corpus_texts(cfg: DataConfig, task: str, limit: int | None = 200_000) -> lis
     texts: list[str] = []
     for kind, spec, index, _ in task_sources(cfg, task, "train"):
         shardset = resolve(spec, f"data.train.{kind}", index, cfg.allow_index_outside)
-        for found in map_heads(shardset, texts_of, limit=limit, cfg=cfg):
+        for found in iter_heads(shardset, texts_of, limit=limit, cfg=cfg):
             texts.extend(t for t in (found if _ok(found) else []) if t)
     return texts
