@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from alpro.data.batch import Batch
 from alpro.data.config import DataConfig
-from alpro.data.plan import EvalPlan, Task, TrainPlan
+from alpro.data.plan import Cursor, EvalPlan, Task, TrainPlan, cursors_from_state, cursors_state
 from alpro.data.protocol import Mix
 from alpro.data.samples import BatchBuilder, BatchStats, ItemLoader
 from alpro.data.shards import resolve
@@ -71,6 +71,8 @@ class IndexedSource:
 
     mode = "indexed"
     resume_hints: dict[str, str] = {}
+    elastic = True
+    """A state saved with another world size resumes from the same global position (see ``restore``)."""
     renderer = None
     """What finishes a ``prepared`` task in the main process (:class:`alpro.data.dali.DaliRenderer`); None: the
     workers build whole batches."""
@@ -113,7 +115,7 @@ class IndexedSource:
             self.eval_plan = EvalPlan(self.tables[0], self.batch_size, rank, world_size)
         self._sampler = _TaskStream()
         self._dataloader: DataLoader | None = None
-        self._sources = [[0, 0] for _ in self.kinds]  # per source: (epoch, batch) of its next batch
+        self._sources = [Cursor() for _ in self.kinds]  # per source: where its next global batch starts
 
     def _prepare_only(self) -> tuple[bool, ...]:
         return tuple(self.renderer is not None and k == "video" for k in self.kinds)
@@ -128,30 +130,32 @@ class IndexedSource:
         return sum(p.batches_per_epoch for p in self.plans)
 
     def position(self) -> dict:
-        return {"sources": [list(p) for p in self._sources]}
+        if not self.train:
+            return {"sources": [[c.epoch, c.batch] for c in self._sources]}
+        return cursors_state(self._sources, self.plans)
 
     def restore(self, position: dict) -> None:
-        self._sources = [list(map(int, p)) for p in position["sources"]]
+        """Continue from a position, also one saved at another world size (:func:`cursors_from_state`)."""
+        if self.train:
+            self._sources = cursors_from_state(position, self.plans)
+        else:
+            self._sources = [Cursor(int(e), int(b)) for e, b in position["sources"]]
 
     # -- the task stream
 
-    def _advance(self, source: int, pos: list[list[int]]) -> None:
-        epoch, batch = pos[source]
-        batch += 1
-        if batch >= self.plans[source].batches_per_epoch:
-            epoch, batch = epoch + 1, 0
-        pos[source] = [epoch, batch]
+    def _advance(self, source: int, pos: list[Cursor]) -> None:
+        pos[source] = self.plans[source].advance(pos[source])
 
     def _tasks(self, step: int, sources: list[list[int]], stop: int | None, mix: Mix) -> Iterator[Task]:
         if not self.train:
             for s in range(step, self.eval_plan.num_batches if stop is None else stop):
                 yield self.eval_plan.task(s)
             return
-        pos = [list(p) for p in sources]
+        pos = list(sources)
         for s in itertools.count(step) if stop is None else range(step, stop):
             source = mix(s)
-            epoch, batch = pos[source]
-            yield self.plans[source].task(s, epoch, batch)
+            c = pos[source]
+            yield self.plans[source].task(s, c.epoch, c.batch, c.start)
             self._advance(source, pos)
 
     def plan(self, step: int, stop: int | None, mix: Mix) -> Iterator[dict]:
@@ -185,7 +189,7 @@ class IndexedSource:
 
     def batches(self, step: int, stop: int | None, mix: Mix) -> Iterator[tuple[Batch, BatchStats]]:
         if not self.train:
-            self._sources = [[0, 0] for _ in self.kinds]
+            self._sources = [Cursor() for _ in self.kinds]
         self._sampler.tasks = self._tasks(step, self._sources, stop, mix)
         for kind, task, payload, fallbacks, stats in self._loader():
             if kind == "error":

@@ -95,7 +95,8 @@ class Loader:
                              f"{_CHANGED.get(mode, 'were the sources changed?')}")
         mine = {"task": self.task, "seed": self.seed, "world_size": self.world, "batch_size": self.batch_size,
                 "kinds": list(self.kinds)}
-        mismatched = [k for k in SETTINGS if state.get(k) != mine[k]]
+        elastic = ("world_size",) if getattr(self.source, "elastic", False) else ()
+        mismatched = [k for k in SETTINGS if state.get(k) != mine[k] and k not in elastic]
         if mismatched:
             hints = [self.source.resume_hints[k] for k in mismatched if k in self.source.resume_hints]
             raise AlproError(f"loader state was saved with different {', '.join(mismatched)}: "
