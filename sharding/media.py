@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import Any, Literal
 
 import av
 from av.video.frame import PictureType
@@ -89,16 +89,25 @@ class MediaLimits:
 
 @dataclass(frozen=True)
 class VideoSettings:
-    """How stored clips are encoded (all of it is recorded in the dataset index)."""
+    """How stored clips are encoded (all of it is recorded in the dataset index). ``alpro shard`` takes these
+    fields as its own options (``ShardOptions.video``); the docstrings are their ``--help``."""
 
-    codec: str = "h264"
+    codec: Literal["h264", "vp9"] = "h264"
+    """h264: NVDEC/PyAV; vp9: DALI on CPU"""
     gop: int = 8
+    """keyframe every GOP frames"""
     fps: float | None = None
+    """target frame rate (never above the source's)"""
     fps_scale: float | None = None
+    """frame rate = source fps x SCALE (ALPRO used 0.1)"""
     short_side: int = 256
+    """resize the short side to at most this (images too)"""
     crf: int | None = None
+    """quality (default: 23 for h264, 32 for vp9)"""
     preset: str = "veryfast"
+    """x264 preset"""
     max_duration: float | None = None
+    """keep at most this many seconds of each clip"""
 
 
 @dataclass

@@ -19,7 +19,6 @@ How a build runs (docs/sharding.md has the user-level story):
 
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import math
@@ -37,10 +36,9 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from alpro.config import ConfigError, from_dict, to_dict
+from alpro.config import ConfigError, from_dict, option, parse_command, to_dict
 from alpro.errors import AlproError
 from alpro.shard_format import DALI_IDX_SUFFIX, REJECTS_NAME, STATS_SUFFIX, encode_vinfo
-from alpro.sharding._cli import OneLineParser
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
 from alpro.sharding.manifest import (
     FORMATS,
@@ -71,66 +69,97 @@ DEFAULT_GOP = 6  # keyframe interval: see benchmarks/README.md "GOP sweep" and d
 
 @dataclass
 class ShardOptions:
-    """Every option of ``alpro shard`` (CLI flags are the same names with dashes)."""
+    """Every option of ``alpro shard`` (CLI flags are the same names with dashes; the docstrings are their
+    ``--help``, the ``# section`` comments its groups). ``video`` holds the encoder settings, whose fields are
+    options of their own (``--gop``, ``shard_manifest(..., gop=4)``)."""
 
     # inputs
     format: str | None = None
+    """manifest format: csv, tsv, jsonl, json or folder (default: from the extension)"""
     media_root: Path | None = None
+    """directory relative media paths resolve against (default: the manifest's directory)"""
     video_ext: str = ".mp4"
+    """extension added to clip names without one"""
     qa: list[Path] = field(default_factory=list)
+    """QA JSONL attached to clips as extra.qa (repeatable)"""
     split: str | None = None
+    """keep only rows whose split equals SPLIT"""
     media: Literal["video", "image", "all"] = "all"
+    """keep only this media kind"""
     limit: int | None = None
-    # output layout
+    """keep only the first LIMIT rows (after filters)"""
+    # output
     name: str = "shard"
+    """shard file prefix"""
     shard_size: int = 1000
+    """samples per shard"""
     shard_bytes: int | None = 1 << 30
+    """max bytes per shard (0: no limit)"""
     absolute_paths: bool = False
     """Store absolute source paths (KEY.json, rejects) and the manifest's absolute path (build.json, index).
     Off by default: sources are stored relative to the media root, so a set does not carry the building
     machine's directory layout and the same corpus gives the same bytes wherever it sits."""
     # video and images
-    codec: Literal["h264", "vp9"] = "h264"
+    video: VideoSettings = option(default_factory=lambda: VideoSettings(gop=DEFAULT_GOP), flat=True)
     copy: bool = False
-    gop: int = DEFAULT_GOP
-    fps: float | None = None
-    fps_scale: float | None = None
-    short_side: int = 256
-    crf: int | None = None
-    preset: str = "veryfast"
-    max_duration: float | None = None
+    """store CFR mp4 sources as they are (probed + validated)"""
     jpeg_quality: int = 90
+    """JPEG quality of stored images"""
     # checks
     keep_duplicates: bool = False
+    """keep samples whose source bytes repeat"""
     max_source_bytes: int = 4 << 30
+    """reject larger source files"""
     max_source_duration: float = 3 * 3600.0
+    """reject sources longer than this (seconds)"""
     min_side: int = 16
-    max_pixels: int = DEFAULT_MAX_PIXELS  # 8K UHD; why: sharding/media.py
+    """reject frames with a shorter side"""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """reject larger frames, width x height, read from the header before decoding (7680x4320, 8K UHD; why:
+    sharding/media.py)"""
     max_aspect: float = 10.0
+    """reject more elongated frames"""
     max_caption_chars: int = 2000
+    """drop longer captions (reject the sample if none is left)"""
     max_reject_ratio: float = 0.5
+    """exit 1 if more than this fraction of inputs is rejected"""
     # execution (never changes the output bytes)
     workers: int = 1
+    """transcode processes"""
     node_rank: int = 0
+    """this node's partition (e.g. SLURM_ARRAY_TASK_ID)"""
     num_nodes: int = 1
+    """number of partitions"""
     progress: bool = True
+    """a progress bar on stderr (--no-progress: none)"""
+    distributor: Literal["local", "ray"] = "local"
+    """where rows are transcoded: local (--workers processes here) or ray (tasks on a Ray cluster, one slice of
+    --shard-size rows each, retried when a worker dies; this process stays the ordered writer, so the bytes equal
+    a local build's; sharding/distributed.py)"""
+    ray_address: str | None = None
+    """Ray cluster to join (auto, HOST:6379, ray://HOST:10001) (default: the running Ray session, or a new local
+    one)"""
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        positive = ("shard_size", "gop", "short_side", "workers", "num_nodes", "min_side", "max_pixels",
-                    "max_caption_chars", "max_source_bytes")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_bytes == 0:  # the command line's spelling of "no limit"
+            self.shard_bytes = None
+        v = self.video
+        positive = {"shard_size": self.shard_size, "gop": v.gop, "short_side": v.short_side, "workers": self.workers,
+                    "num_nodes": self.num_nodes, "min_side": self.min_side, "max_pixels": self.max_pixels,
+                    "max_caption_chars": self.max_caption_chars, "max_source_bytes": self.max_source_bytes}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.shard_bytes is not None and self.shard_bytes < 1:
             raise ValueError(f"shard_bytes must be >= 1, got {self.shard_bytes}")
         if not 0 <= self.node_rank < self.num_nodes:
             raise ValueError(f"node_rank must be in [0, num_nodes={self.num_nodes}), got {self.node_rank}")
-        if self.fps is not None and self.fps_scale is not None:
+        if v.fps is not None and v.fps_scale is not None:
             raise ValueError("give either fps or fps_scale, not both")
         for name in ("fps", "fps_scale", "max_duration"):
-            value = getattr(self, name)
+            value = getattr(v, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -141,14 +170,19 @@ class ShardOptions:
             raise ValueError(f"name must be a plain file-name prefix, got {self.name!r}")
 
     def output_options(self) -> dict[str, Any]:
-        """The options that decide the output bytes (recorded in build.json and the index)."""
-        skip = {"workers", "node_rank", "progress", "max_reject_ratio"}
-        return {k: v for k, v in to_dict(self).items() if k not in skip}
-
-    def video_settings(self) -> VideoSettings:
-        return VideoSettings(codec=self.codec, gop=self.gop, fps=self.fps, fps_scale=self.fps_scale,
-                             short_side=self.short_side, crf=self.crf, preset=self.preset,
-                             max_duration=self.max_duration)
+        """The options that decide the output bytes (recorded in build.json and the index), flat: the video
+        settings stand among the others, ``copy`` right after ``codec``, as build.json has always listed them
+        (a new order would change the bytes of every build.json and index)."""
+        skip = {"workers", "node_rank", "progress", "max_reject_ratio", "distributor", "ray_address"}
+        out: dict[str, Any] = {}
+        for k, v in to_dict(self).items():
+            if k == "video":
+                out["codec"] = v.pop("codec")
+                out["copy"] = self.copy
+                out.update(v)
+            elif k not in skip:
+                out[k] = v
+        return out
 
     def limits(self) -> MediaLimits:
         return MediaLimits(max_source_duration=self.max_source_duration, min_side=self.min_side,
@@ -368,11 +402,11 @@ def _process(item: _Item) -> _Result:
         data = _read_source(item.row.source, opts.max_source_bytes)
         result.sha256 = hashlib.sha256(data).hexdigest()
         if item.row.media == "image":
-            media = encode_image(data, opts.short_side, opts.jpeg_quality, opts.limits())
+            media = encode_image(data, opts.video.short_side, opts.jpeg_quality, opts.limits())
         elif opts.copy:
             media = copy_video(data, opts.limits())
         else:
-            media = transcode_video(data, opts.video_settings(), opts.limits())
+            media = transcode_video(data, opts.video, opts.limits())
         extra, result.nonfinite_nulled = _finite_json(item.row.extra)
         meta = _metadata(item, captions, result.sha256, media, extra)
         vinfo = encode_vinfo(media.num_frames, media.width, media.height, media.fps)
@@ -674,58 +708,17 @@ def _build(manifest: str | Path | Manifest, out_dir: Path, opts: ShardOptions) -
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="alpro shard", description="Pack a manifest into transcoded WebDataset tar shards "
-                "(docs/sharding.md). Reject reasons: " + ", ".join(REJECT_REASONS) + ".")
-    p.add_argument("manifest", nargs="?", help="manifest file (.csv .tsv .jsonl .json) or a folder of media")
-    p.add_argument("out_dir", nargs="?", help="output directory of the shard set")
-    p.add_argument("--merge-index", metavar="OUT_DIR", help="join the partial indexes of a multi-node build")
-    d = ShardOptions()
-    g = p.add_argument_group("inputs")
-    g.add_argument("--format", choices=FORMATS, help="manifest format (default: from the extension)")
-    g.add_argument("--media-root", type=Path, help="directory relative media paths resolve against")
-    g.add_argument("--video-ext", default=d.video_ext, help="extension added to clip names without one (default: %(default)s)")
-    g.add_argument("--qa", type=Path, action="append", default=[], help="QA JSONL attached to clips as extra.qa")
-    g.add_argument("--split", help="keep only rows whose split equals SPLIT")
-    g.add_argument("--media", choices=("video", "image", "all"), default=d.media, help="keep only this media kind (default: %(default)s)")
-    g.add_argument("--limit", type=int, help="keep only the first LIMIT rows (after filters)")
-    g = p.add_argument_group("output")
-    g.add_argument("--name", default=d.name, help="shard file prefix (default: %(default)s)")
-    g.add_argument("--shard-size", type=int, default=d.shard_size, help="samples per shard (default: %(default)s)")
-    g.add_argument("--shard-bytes", type=int, default=d.shard_bytes, help="max bytes per shard (0: no limit) (default: %(default)s)")
-    g.add_argument("--absolute-paths", action="store_true",
-                   help="store absolute source and manifest paths (default: sources relative to the manifest's "
-                        "directory or --media-root, the manifest by name)")
-    g = p.add_argument_group("video and images")
-    g.add_argument("--codec", choices=("h264", "vp9"), default=d.codec, help="h264: NVDEC/PyAV; vp9: DALI on CPU (default: %(default)s)")
-    g.add_argument("--copy", action="store_true", help="store CFR mp4 sources as they are (probed + validated)")
-    g.add_argument("--gop", type=int, default=d.gop, help="keyframe every GOP frames (default: %(default)s)")
-    g.add_argument("--fps", type=float, help="target frame rate (never above the source's)")
-    g.add_argument("--fps-scale", type=float, help="frame rate = source fps x SCALE (ALPRO used 0.1)")
-    g.add_argument("--short-side", type=int, default=d.short_side, help="resize short side to at most this (default: %(default)s)")
-    g.add_argument("--crf", type=int, help="quality (default: 23 for h264, 32 for vp9)")
-    g.add_argument("--preset", default=d.preset, help="x264 preset (default: %(default)s)")
-    g.add_argument("--max-duration", type=float, help="keep at most this many seconds of each clip")
-    g.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of stored images (default: %(default)s)")
-    g = p.add_argument_group("checks")
-    g.add_argument("--keep-duplicates", action="store_true", help="keep samples whose source bytes repeat")
-    g.add_argument("--max-source-bytes", type=int, default=d.max_source_bytes, help="reject larger source files (default: %(default)s)")
-    g.add_argument("--max-source-duration", type=float, default=d.max_source_duration,
-                   help="reject sources longer than this (seconds) (default: %(default)s)")
-    g.add_argument("--min-side", type=int, default=d.min_side, help="reject frames with a shorter side (default: %(default)s)")
-    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help="reject larger frames, width x height, read from the header before decoding "
-                        "(default: %(default)s = 7680x4320, 8K UHD)")
-    g.add_argument("--max-aspect", type=float, default=d.max_aspect, help="reject more elongated frames (default: %(default)s)")
-    g.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars,
-                   help="drop longer captions (reject the sample if none is left) (default: %(default)s)")
-    g.add_argument("--max-reject-ratio", type=float, default=d.max_reject_ratio,
-                   help="exit 1 if more than this fraction of inputs is rejected (default: %(default)s)")
-    g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int, default=d.workers, help="transcode processes (default: %(default)s)")
-    g.add_argument("--node-rank", type=int, default=d.node_rank, help="this node's partition (e.g. SLURM_ARRAY_TASK_ID) (default: %(default)s)")
-    g.add_argument("--num-nodes", type=int, default=d.num_nodes, help="number of partitions (default: %(default)s)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+@dataclass
+class ShardCommand:
+    """The command line of ``alpro shard``: what to build (or which multi-node build to merge), and how."""
+
+    manifest: str | None = option(None, positional=True)
+    """manifest file (.csv .tsv .jsonl .json) or a folder of media"""
+    out_dir: str | None = option(None, positional=True)
+    """output directory of the shard set"""
+    merge_index: str | None = option(None, metavar="OUT_DIR")
+    """join the partial indexes of a multi-node build"""
+    options: ShardOptions = option(default_factory=ShardOptions, flat=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -736,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_command(ShardCommand, argv, prog="alpro shard", description="Pack a manifest into transcoded "
+                         "WebDataset tar shards (docs/sharding.md). Reject reasons: " + ", ".join(REJECT_REASONS) + ".")
     if args.merge_index:
         if args.manifest or args.out_dir:
             raise AlproError("--merge-index OUT_DIR takes no MANIFEST/OUT_DIR arguments")
@@ -749,13 +743,9 @@ def _main(argv: list[str]) -> int:
         return 0
     if not args.manifest or not args.out_dir:
         raise AlproError("give MANIFEST and OUT_DIR (or --merge-index OUT_DIR)")
-    values = {k: v for k, v in vars(args).items() if k not in ("manifest", "out_dir", "merge_index", "no_progress")}
-    values["progress"] = not args.no_progress
-    if values["shard_bytes"] == 0:
-        values["shard_bytes"] = None
-    summary = shard_manifest(args.manifest, args.out_dir, **values)
+    summary = shard_manifest(args.manifest, args.out_dir, args.options)
     print(summary.table())
-    ratio_limit = values["max_reject_ratio"]
+    ratio_limit = args.options.max_reject_ratio
     if summary.reject_ratio > ratio_limit:
         print(f"alpro shard: {summary.rejected}/{summary.inputs} inputs rejected "
               f"({100 * summary.reject_ratio:.1f} % > --max-reject-ratio {ratio_limit}); "
