@@ -449,7 +449,9 @@ def command_parser(cls: type, prog: str, description: str | None = None, epilog:
                 target.add_argument(flag, dest=a.name, action="store_true", default=argparse.SUPPRESS,
                                     help=help_text)
             continue
-        shown = "" if required or a.default is None or a.default == [] or a.default == () else f" (default: {a.default})"
+        # the default is shown unless there is none, or the docstring says it in words
+        quiet = required or a.default is None or a.default in ([], ()) or "default" in a.doc.lower()
+        shown = "" if quiet else f" (default: {a.default})"
         target.add_argument(flag, dest=a.name, action="append" if _is_list(a.tp) else "store", required=required,
                             default=argparse.SUPPRESS, metavar=metavar or a.name.upper(),
                             help=f"{help_text}{shown}".strip())

@@ -17,17 +17,18 @@ import glob
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import braceexpand
 
+from alpro.config import option, parse_command
 from alpro.data.config import LimitsConfig
 from alpro.data.meta import meta_problem
 from alpro.data.shards import SampleError, _iter_members, open_local_tar
 from alpro.errors import AlproError
 from alpro.shard_format import REJECTS_NAME, stats_name
-from alpro.sharding._cli import OneLineParser
 
 __all__ = ["resolve_shards", "inspect_shards", "extract_sample", "format_report", "main"]
 
@@ -282,6 +283,20 @@ def extract_sample(target: str | Path, key: str, to: str | Path = ".") -> list[P
     raise AlproError(f"no sample with key {key!r} in {target}")
 
 
+@dataclass
+class InspectOptions:
+    """The options of ``alpro inspect`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    shards: str
+    """shard directory, glob ('out/*.tar'), brace pattern or one .tar"""
+    extract: str | None = option(None, metavar="KEY")
+    """write the members of sample KEY to --to"""
+    to: str = "."
+    """directory for --extract (default: the current one)"""
+    json: bool = False
+    """print the summary as JSON"""
+
+
 def main(argv: list[str] | None = None) -> int:
     """``alpro inspect``; errors go through the one CLI wrapper (:func:`alpro.cli.guarded`), also called directly."""
     from alpro.cli import guarded
@@ -290,12 +305,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = OneLineParser(prog="alpro inspect", description="Summarise a shard set or extract a sample.")
-    parser.add_argument("shards", help="shard directory, glob ('out/*.tar'), brace pattern or one .tar")
-    parser.add_argument("--extract", metavar="KEY", help="write the members of sample KEY to --to")
-    parser.add_argument("--to", default=".", help="directory for --extract (default: current)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = parser.parse_args(argv)
+    args = parse_command(InspectOptions, argv, prog="alpro inspect",
+                         description="Summarise a shard set or extract a sample.")
     if args.extract:
         for path in extract_sample(args.shards, args.extract, args.to):
             print(path)
