@@ -23,7 +23,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,8 @@ __all__ = [
     "VIDEO_EXTS",
     "IMAGE_EXTS",
     "read_manifest",
+    "stream_manifest",
+    "ManifestStream",
     "relative_source",
     "select_rows",
     "sanitize_key",
@@ -164,10 +166,26 @@ def _decode(data: bytes) -> str:
 # ---------------------------------------------------------------------------------------------- CSV / TSV
 
 
-def _table_rows(path: Path, text: str, delimiter: str, res: _Resolver) -> Iterator[ManifestRow]:
-    """Header-driven CSV/TSV (WebVid: ``videoid,name,page_dir``; or any ``path``/``caption`` columns)."""
+def _text_lines(path: Path) -> Iterator[str]:
+    """The manifest's lines without their ``\n``, decoded one by one (the file is never whole in memory).
+
+    Equal to ``_decode(path.read_bytes()).split("\n")`` minus a final empty piece: UTF-8 never uses the byte
+    0x0A inside a character, so decoding line by line (BOM dropped from the first) gives the same text."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            yield raw.decode("utf-8-sig" if i == 0 else "utf-8", "surrogateescape").removesuffix("\n")
+
+
+def _csv_text(path: Path) -> io.TextIOWrapper:
+    """The manifest as a text stream for :mod:`csv` (decoded incrementally, same text as :func:`_decode`)."""
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _table_rows(path: Path, stream: Iterable[str], delimiter: str, res: _Resolver) -> Iterator[ManifestRow]:
+    """Header-driven CSV/TSV (WebVid: ``videoid,name,page_dir``; or any ``path``/``caption`` columns);
+    ``stream`` is the text as :mod:`csv` reads it (a file opened with ``newline=""``)."""
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # CC3M captions contain bare quotes
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    reader = csv.reader(stream, delimiter=delimiter, quoting=quoting)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -212,13 +230,14 @@ def _table_rows(path: Path, text: str, delimiter: str, res: _Resolver) -> Iterat
         )
 
 
-def _cc3m_rows(path: Path, text: str, res: _Resolver) -> Iterator[ManifestRow]:
+def _cc3m_rows(path: Path, res: _Resolver) -> Iterator[ManifestRow]:
     """CC3M TSV: headerless ``caption<TAB>image_path`` lines, or a header naming a caption column."""
-    first = text.split("\n", 1)[0].lower().split("\t")
+    first = next(iter(_text_lines(path)), "").lower().split("\t")
     if any(c.strip() in _CAPTION_COLS for c in first):
-        yield from _table_rows(path, text, "\t", res)
+        with _csv_text(path) as stream:
+            yield from _table_rows(path, stream, "\t", res)
         return
-    for line, raw in enumerate(text.split("\n"), start=1):
+    for line, raw in enumerate(_text_lines(path), start=1):
         raw = raw.rstrip("\r")
         if not raw.strip():
             continue
@@ -299,9 +318,9 @@ class _Grouper:
         return self.clips[clip]
 
 
-def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+def _json_lines(path: Path, lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
     """(1-based line, parsed value) of each non-blank JSONL line; a bad line is a one-line error naming it."""
-    for line, raw in enumerate(text.split("\n"), start=1):
+    for line, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
@@ -310,11 +329,26 @@ def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             raise AlproError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
-def _jsonl_rows(path: Path, text: str, res: _Resolver) -> list[ManifestRow]:
+def _jsonl_rows(path: Path, res: _Resolver) -> list[ManifestRow]:
     grouper = _Grouper(path, res)
-    for line, obj in _json_lines(path, text):
+    for line, obj in _json_lines(path, _text_lines(path)):
         grouper.add(obj, line)
     return grouper.rows
+
+
+class _Grouped(Exception):
+    """A JSONL line that merges into another row (annotation or QA row): the file cannot be streamed row by row."""
+
+
+def _jsonl_stream(path: Path, res: _Resolver) -> Iterator[ManifestRow]:
+    """Rows of a JSONL manifest of sample rows, one line at a time; :class:`_Grouped` at the first line that is
+    an annotation or QA row (those merge by clip, which needs the whole file)."""
+    grouper = _Grouper(path, res)
+    for line, obj in _json_lines(path, _text_lines(path)):
+        grouper.add(obj, line)
+        if grouper.clips:
+            raise _Grouped
+        yield grouper.rows.pop()
 
 
 def _json_rows(path: Path, text: str, res: _Resolver) -> list[ManifestRow]:
@@ -392,6 +426,96 @@ def _detect_format(path: Path) -> str:
     return fmt
 
 
+def _checked(path: str | Path, fmt: str | None, media_root: str | Path | None) -> tuple[Path, str, Path]:
+    """(path, format, media root) of a manifest, or the one-line error that stops the run before any work."""
+    path = Path(path)
+    if not path.exists():
+        raise AlproError(f"manifest not found: {path}")
+    fmt = fmt or _detect_format(path)
+    if fmt not in FORMATS:
+        raise AlproError(f"unknown manifest format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if (fmt == "folder") != path.is_dir():
+        raise AlproError(f"{path}: format '{fmt}' needs a {'folder' if fmt == 'folder' else 'file'}")
+    # Absolute but not resolved (see the module docstring); a folder is its own root.
+    root = (path if fmt == "folder" else Path(media_root).expanduser() if media_root else path.parent).absolute()
+    return path, fmt, root
+
+
+def _hash_file(path: Path, digest: Any) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+
+
+def _line_rows(path: Path, fmt: str, res: _Resolver) -> Iterator[ManifestRow]:
+    """Rows of a CSV or TSV manifest, read as a stream."""
+    if fmt == "csv":
+        with _csv_text(path) as stream:
+            yield from _table_rows(path, stream, ",", res)
+    else:
+        yield from _cc3m_rows(path, res)
+
+
+@dataclass
+class ManifestStream:
+    """A manifest whose rows are read again on each :meth:`rows` call, never held whole (``alpro shard`` reads
+    it twice: once to count rows and find repeated ids, once for the rows a node owns).
+
+    CSV, TSV and JSONL of sample rows are streamed line by line. What needs the whole file is read whole on each
+    pass: a JSON document, a folder, ``--qa`` attachments, and JSONL with annotation or QA rows (they merge by
+    clip); a streamed JSONL meeting its first such line switches to the whole read from that row on. The rows
+    are those of :func:`read_manifest`, in the same order."""
+
+    path: Path
+    format: str
+    sha256: str
+    root: Path | None
+    warnings: list[str]
+    _rows: Callable[[], Iterator[ManifestRow]]
+
+    def rows(self) -> Iterator[ManifestRow]:
+        return self._rows()
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ManifestStream:
+        """A manifest already in memory, as a stream."""
+        return cls(manifest.path, manifest.format, manifest.sha256, manifest.root, list(manifest.warnings),
+                   lambda: iter(manifest.rows))
+
+
+def stream_manifest(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    media_root: str | Path | None = None,
+    video_ext: str = ".mp4",
+    qa: Iterable[str | Path] = (),
+) -> ManifestStream:
+    """Like :func:`read_manifest` (same arguments, rows and hash), without holding the rows: see
+    :class:`ManifestStream`. Parse errors surface on the first pass over :meth:`ManifestStream.rows`."""
+    qa = list(qa)
+    path, fmt, root = _checked(path, fmt, media_root)
+    if fmt in ("json", "folder") or qa:
+        whole = read_manifest(path, fmt, media_root=media_root, video_ext=video_ext, qa=qa)
+        return ManifestStream.of(whole)
+    digest = hashlib.sha256()
+    _hash_file(path, digest)
+    res = _Resolver(root, video_ext)
+    if fmt == "jsonl":
+        def rows() -> Iterator[ManifestRow]:
+            n = 0
+            try:
+                for row in _jsonl_stream(path, res):
+                    n += 1
+                    yield row
+            except _Grouped:
+                yield from _jsonl_rows(path, res)[n:]  # the rows before the first grouped line are the same
+    else:
+        def rows() -> Iterator[ManifestRow]:
+            return _line_rows(path, fmt, res)
+    return ManifestStream(path, fmt, digest.hexdigest(), root, [], rows)
+
+
 def read_manifest(
     path: str | Path,
     fmt: str | None = None,
@@ -410,17 +534,8 @@ def read_manifest(
         qa: QA JSONL files (``{"question", "answer", "video_id", "answer_type"}``) attached to clips as
             ``extra["qa"]``, matched by id.
     """
-    path = Path(path)
-    if not path.exists():
-        raise AlproError(f"manifest not found: {path}")
-    fmt = fmt or _detect_format(path)
-    if fmt not in FORMATS:
-        raise AlproError(f"unknown manifest format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if (fmt == "folder") != path.is_dir():
-        raise AlproError(f"{path}: format '{fmt}' needs a {'folder' if fmt == 'folder' else 'file'}")
+    path, fmt, root = _checked(path, fmt, media_root)
     digest = hashlib.sha256()
-    # Absolute but not resolved (see the module docstring); a folder is its own root.
-    root = (path if fmt == "folder" else Path(media_root).expanduser() if media_root else path.parent).absolute()
     if fmt == "folder":
         rows = _folder_rows(root)
         for row in rows:
@@ -428,18 +543,14 @@ def read_manifest(
             digest.update(f"{row.id}\0{relative_source(row.source, root)}\0{row.captions}\0".encode(
                 "utf-8", "surrogateescape"))
     else:
-        data = path.read_bytes()
-        digest.update(data)
         res = _Resolver(root, video_ext)
-        text = _decode(data)
-        if fmt == "csv":
-            rows = list(_table_rows(path, text, ",", res))
-        elif fmt == "tsv":
-            rows = list(_cc3m_rows(path, text, res))
-        elif fmt == "jsonl":
-            rows = _jsonl_rows(path, text, res)
+        if fmt == "json":
+            data = path.read_bytes()
+            digest.update(data)
+            rows = _json_rows(path, _decode(data), res)
         else:
-            rows = _json_rows(path, text, res)
+            _hash_file(path, digest)
+            rows = _jsonl_rows(path, res) if fmt == "jsonl" else list(_line_rows(path, fmt, res))
     manifest = Manifest(path=path, format=fmt, rows=rows, sha256="", root=root)
     for qa_path in qa:
         qa_path = Path(qa_path)
@@ -459,7 +570,7 @@ def _attach_qa(manifest: Manifest, path: Path, text: str) -> None:
         by_id.setdefault(row.id, row)
         by_id.setdefault(Path(row.source).stem, row)
     unmatched = 0
-    for line, obj in _json_lines(path, text):
+    for line, obj in _json_lines(path, text.split("\n")):
         if not isinstance(obj, dict) or "question" not in obj or "video_id" not in obj:
             raise AlproError(f"{path}:{line}: a QA row needs 'question' and 'video_id'")
         row = by_id.get(str(obj["video_id"]))

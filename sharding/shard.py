@@ -26,6 +26,7 @@ import multiprocessing as mp
 import sys
 import tarfile
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm import tqdm
 
 from alpro.config import ConfigError, from_dict, option, parse_command, to_dict
@@ -44,10 +46,10 @@ from alpro.sharding.manifest import (
     FORMATS,
     Manifest,
     ManifestRow,
-    read_manifest,
+    ManifestStream,
     relative_source,
     sanitize_key,
-    select_rows,
+    stream_manifest,
 )
 from alpro.sharding.media import (
     DEFAULT_MAX_PIXELS,
@@ -420,7 +422,13 @@ def _process(item: _Item) -> _Result:
     return result
 
 
-def _results(items: list[_Item], pool: ProcessPoolExecutor | None, window: int) -> Iterator[_Result]:
+def _noting_lines(items: Iterator[_Item], lines: dict[int, int]) -> Iterator[_Item]:
+    for item in items:
+        lines[item.index] = item.row.line
+        yield item
+
+
+def _results(items: Iterator[_Item], pool: ProcessPoolExecutor | None, window: int) -> Iterator[_Result]:
     """Results in manifest order; at most ``window`` rows in flight so memory stays bounded."""
     if pool is None:
         yield from map(_process, items)
@@ -540,22 +548,68 @@ def _stem_prefix(opts: ShardOptions) -> str:
     return f"{opts.name}-n{opts.node_rank:0{max(3, len(str(opts.num_nodes - 1)))}d}"
 
 
-def _prepare_items(rows: list[ManifestRow], root: Path | None) -> list[_Item]:
-    """Keys and stored source paths (relative to ``root``; absolute if it is ``None``) for every row; later rows
-    whose key is taken are ``duplicate_id`` (decided globally, before any partitioning, so that all nodes
-    agree)."""
-    first: dict[str, ManifestRow] = {}
-    items = []
-    for i, row in enumerate(rows):
+def _selected(rows: Iterator[ManifestRow], opts: ShardOptions) -> Iterator[ManifestRow]:
+    """:func:`~alpro.sharding.manifest.select_rows` as a stream: rows of one split and/or media kind, the first
+    ``limit`` of them."""
+    n = 0
+    for row in rows:
+        if (opts.split is None or row.split == opts.split) and (opts.media == "all" or row.media == opts.media):
+            if opts.limit is not None and n >= opts.limit:
+                return
+            n += 1
+            yield row
+
+
+@dataclass
+class _Plan:
+    """What the first pass over the manifest learns, in 8 bytes per row at its peak and O(repeats) after:
+    the number of selected rows and which of them share a key hash with another row (duplicate-id candidates,
+    confirmed by the keys themselves on the second pass)."""
+
+    stream: ManifestStream
+    rows: int
+    repeated: frozenset[int]
+
+
+def _plan(stream: ManifestStream, opts: ShardOptions) -> _Plan:
+    hashes = array("q")
+    for row in _selected(stream.rows(), opts):
+        hashes.append(hash(sanitize_key(row.id)))
+    h = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
+    order = np.argsort(h, kind="stable")
+    ordered = h[order]
+    same = ordered[1:] == ordered[:-1]
+    mask = np.zeros(len(h), dtype=bool)
+    mask[1:] |= same
+    mask[:-1] |= same
+    repeated = frozenset(order[mask].tolist())
+    return _Plan(stream=stream, rows=len(h), repeated=repeated)
+
+
+def _items(plan: _Plan, opts: ShardOptions, start: int, stop: int) -> Iterator[_Item]:
+    """The items of selected rows ``[start, stop)``, read from the manifest as they are consumed.
+
+    A row whose key an earlier row already uses is ``duplicate_id``: decided over the whole manifest (so every
+    node agrees), by remembering the keys of the rows whose key hash repeats only. Paths are joined, not
+    resolved or stat'ed: the worker that reads the source does that."""
+    root = None if opts.absolute_paths else plan.stream.root
+    first: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(_selected(plan.stream.rows(), opts)):
+        if i >= stop:
+            return
+        repeated = i in plan.repeated
+        if i < start and not repeated:
+            continue
         key = sanitize_key(row.id)
         pre = None
-        if key in first:
-            other = first[key]
-            pre = ("duplicate_id", f"key {key!r} already used by id {other.id!r} at row {other.line}")
-        else:
-            first[key] = row
-        items.append(_Item(index=i, row=row, key=key, source=relative_source(row.source, root), pre_reject=pre))
-    return items
+        if repeated:
+            if key in first:
+                other_id, other_line = first[key]
+                pre = ("duplicate_id", f"key {key!r} already used by id {other_id!r} at row {other_line}")
+            else:
+                first[key] = (row.id, row.line)
+        if i >= start:
+            yield _Item(index=i, row=row, key=key, source=relative_source(row.source, root), pre_reject=pre)
 
 
 def _stem(prefix: str, seq: int) -> str:
@@ -616,12 +670,14 @@ def _os_error_line(e: OSError) -> str:
     return f"{where}: {e.strerror or ' '.join(str(e).split())}"
 
 
-def _build(manifest: str | Path | Manifest, out_dir: Path, opts: ShardOptions) -> ShardSummary:
+def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts: ShardOptions) -> ShardSummary:
     t0 = time.perf_counter()
-    if not isinstance(manifest, Manifest):
-        manifest = read_manifest(manifest, opts.format, media_root=opts.media_root, video_ext=opts.video_ext,
-                                 qa=opts.qa)
-    rows = select_rows(manifest.rows, split=opts.split, media=opts.media, limit=opts.limit)
+    if isinstance(manifest, Manifest):
+        manifest = ManifestStream.of(manifest)
+    elif not isinstance(manifest, ManifestStream):
+        manifest = stream_manifest(manifest, opts.format, media_root=opts.media_root, video_ext=opts.video_ext,
+                                   qa=opts.qa)
+    plan = _plan(manifest, opts)  # the first pass: row count and repeated keys, nothing kept per row
     out_dir.mkdir(parents=True, exist_ok=True)
     build = {
         "format": "alpro-shard-build",
@@ -629,34 +685,46 @@ def _build(manifest: str | Path | Manifest, out_dir: Path, opts: ShardOptions) -
         "name": opts.name,
         # The manifest's name only, unless --absolute-paths: its directory is the building machine's business.
         "manifest": {"path": str(manifest.path.resolve()) if opts.absolute_paths else manifest.path.name,
-                     "format": manifest.format, "sha256": manifest.sha256, "rows": len(rows)},
+                     "format": manifest.format, "sha256": manifest.sha256, "rows": plan.rows},
         "options": opts.output_options(),
     }
     write_build(out_dir, build)
 
-    items = _prepare_items(rows, None if opts.absolute_paths else manifest.root)
-    lo = len(items) * opts.node_rank // opts.num_nodes
-    hi = len(items) * (opts.node_rank + 1) // opts.num_nodes
+    lo = plan.rows * opts.node_rank // opts.num_nodes
+    hi = plan.rows * (opts.node_rank + 1) // opts.num_nodes
     prefix = _stem_prefix(opts)
     done, resume_row = _resume(out_dir, prefix, lo)
     _remove_stale(out_dir, prefix, keep=len(done))
     part = _Partition(out_dir, prefix, opts, done, resume_row)
 
-    todo = items[resume_row:hi]
+    n_todo = hi - resume_row
+    lines: dict[int, int] = {}  # manifest line of the rows in flight and of the unfinished shard's first row
+    todo = _noting_lines(_items(plan, opts, resume_row, hi), lines)
     orphans: list[dict[str, Any]] = []
     pool = None
-    if opts.workers > 1 and len(todo) > 1:
+    if opts.distributor == "ray":
+        from alpro.sharding.distributed import ray_results
+
+        results = ray_results(todo, opts)  # Ray tasks transcode slices; this process stays the ordered writer
+    elif opts.workers > 1 and n_todo > 1:
         # fork: workers start in milliseconds and inherit the options; the pool exists before the progress bar.
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         pool = ProcessPoolExecutor(opts.workers, mp_context=ctx, initializer=_init_worker, initargs=(opts,))
+        results = _results(todo, pool, window=4 * opts.workers)
     else:
         _init_worker(opts)
-    bar = tqdm(total=len(todo), unit="clip", desc=f"shard {out_dir.name}", disable=not opts.progress or None,
+        results = _results(todo, None, window=1)
+    bar = tqdm(total=n_todo, unit="clip", desc=f"shard {out_dir.name}", disable=not opts.progress or None,
                dynamic_ncols=True, file=sys.stderr)
     try:
         n_rejects = 0
-        for res in _results(todo, pool, window=4 * opts.workers):
+        for res in results:
+            start = part.start_row
             part.feed(res)
+            if part.start_row != start:
+                lines.pop(start, None)
+            if res.index != part.start_row:
+                lines.pop(res.index, None)
             n_rejects += res.reject is not None
             bar.update(1)
             bar.set_postfix(rejects=n_rejects, shards=part.seq, refresh=False)
@@ -664,12 +732,13 @@ def _build(manifest: str | Path | Manifest, out_dir: Path, opts: ShardOptions) -
     except BrokenProcessPool:
         part.abort()
         raise AlproError(f"a worker process died (an FFmpeg crash or out of memory) near manifest row "
-                         f"{items[part.start_row].row.line}; completed shards are kept, rerun to resume") from None
+                         f"{lines.get(part.start_row, '?')}; completed shards are kept, rerun to resume") from None
     except BaseException:
         part.abort()
         raise
     finally:
         bar.close()
+        results.close()  # a generator: a Ray session it started ends here
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     _remove_stale(out_dir, prefix, keep=part.seq)
@@ -692,7 +761,7 @@ def _build(manifest: str | Path | Manifest, out_dir: Path, opts: ShardOptions) -
         rejects_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
         shards=len(shards),
         resumed_shards=len(done),
-        processed=len(todo),
+        processed=n_todo,
         bytes=sum(s["bytes"] for s in shards),
         frames=sum(s["counts"]["frames"] for s in shards),
         duration=sum(s["duration"] for s in shards),
