@@ -21,13 +21,13 @@ so the bytes are the same whatever ``workers`` is.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
 import multiprocessing
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from alpro.config import parse_command
 from alpro.errors import AlproError
 from alpro.fileio import atomic_path, atomic_write
 
@@ -698,21 +699,34 @@ def _corpus_info(records: list[dict], *, seed: int, fps: int, size: tuple[int, i
     }
 
 
+@dataclass
+class SynthOptions:
+    """The options of ``alpro synth`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    out_dir: str
+    """output directory (created; must be empty unless --overwrite)"""
+    num_clips: int = 2000
+    """number of video clips"""
+    num_images: int | None = None
+    """number of still images (default: num-clips // 2)"""
+    seed: int = 0
+    """corpus seed; same seed + options -> same bytes"""
+    fps: int = 24
+    """source frame rate"""
+    size: str = "160x120"
+    """frame size WIDTHxHEIGHT, even numbers"""
+    workers: int = 2
+    """render processes; does not change the output"""
+    overwrite: bool = False
+    """replace a corpus already in OUT_DIR"""
+    quiet: bool = False
+    """no progress bar"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="alpro synth",
-        description="Generate the embedded 'shapes world' corpus: captioned H.264 clips, JPEG images, QA pairs.",
-    )
-    parser.add_argument("out_dir", help="output directory (created; must be empty unless --overwrite)")
-    parser.add_argument("--num-clips", type=int, default=2000, help="number of video clips (default 2000)")
-    parser.add_argument("--num-images", type=int, default=None, help="number of still images (default num-clips // 2)")
-    parser.add_argument("--seed", type=int, default=0, help="corpus seed; same seed + options -> same bytes (default 0)")
-    parser.add_argument("--fps", type=int, default=24, help="source frame rate (default 24)")
-    parser.add_argument("--size", default="160x120", help="frame size WIDTHxHEIGHT, even numbers (default 160x120)")
-    parser.add_argument("--workers", type=int, default=2, help="render processes; does not change the output (default 2)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in OUT_DIR")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parse_command(SynthOptions, list(sys.argv[1:] if argv is None else argv), prog="alpro synth",
+                         description="Generate the embedded 'shapes world' corpus: captioned H.264 clips, JPEG "
+                                     "images, QA pairs.")
     info = generate(args.out_dir, num_clips=args.num_clips, num_images=args.num_images, seed=args.seed, fps=args.fps,
                     size=parse_size(args.size), workers=args.workers, overwrite=args.overwrite, progress=not args.quiet)
     splits = " / ".join(f"{s} {c['clips']}+{c['images']}" for s, c in info["counts"].items())
