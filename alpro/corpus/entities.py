@@ -19,12 +19,15 @@ word if all do. "a man in a red shirt is riding a horse" -> man, shirt, horse.
 
 from __future__ import annotations
 
-import argparse
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from alpro.config import option, parse_command
 from alpro.errors import AlproError
 from alpro.fileio import atomic_write
 
@@ -164,19 +167,33 @@ def write_unigrams(counts: Iterable[tuple[str, int]], path: Path) -> None:
     atomic_write(path, "".join(f"{w} {c}\n" for w, c in counts))
 
 
+@dataclass
+class EntitiesOptions:
+    """The options of ``alpro entities`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    out: Path = option(positional=False)
+    """output file (unigrams.txt format)"""
+    shards: list[str] = field(default_factory=list)
+    """shard set: directory, index, tar, glob or brace pattern (repeatable)"""
+    manifest: list[Path] = field(default_factory=list)
+    """manifest (any format alpro shard reads) (repeatable)"""
+    text: list[Path] = field(default_factory=list)
+    """plain text, one caption per line (repeatable)"""
+    entities: Path | None = None
+    """use this 'word count' list instead of counting captions"""
+    top: int = 1000
+    """keep the most frequent N"""
+    min_count: int = 1
+    """drop nouns seen fewer times"""
+    tagger: Literal["auto", "spacy", "heuristic"] = "auto"
+    """auto = spaCy when an English pipeline is installed, else the heuristic"""
+    spacy_model: str | None = None
+    """spaCy pipeline name (default: the first en_core_web_* installed)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="alpro entities", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shards", action="append", default=[], help="shard set: directory, index, tar, glob or brace pattern")
-    ap.add_argument("--manifest", action="append", default=[], type=Path, help="manifest (any format alpro shard reads)")
-    ap.add_argument("--text", action="append", default=[], type=Path, help="plain text, one caption per line")
-    ap.add_argument("--entities", type=Path, help="use this 'word count' list instead of counting captions")
-    ap.add_argument("--out", type=Path, required=True, help="output file (unigrams.txt format)")
-    ap.add_argument("--top", type=int, default=1000, help="keep the most frequent N (default 1000)")
-    ap.add_argument("--min-count", type=int, default=1, help="drop nouns seen fewer times")
-    ap.add_argument("--tagger", choices=["auto", "spacy", "heuristic"], default="auto",
-                    help="auto = spaCy when an English pipeline is installed, else the heuristic")
-    ap.add_argument("--spacy-model", help="spaCy pipeline name (default: the first en_core_web_* installed)")
-    args = ap.parse_args(argv)
+    args = parse_command(EntitiesOptions, list(sys.argv[1:] if argv is None else argv), prog="alpro entities",
+                         description=__doc__.split("\n\n")[0])
     if args.top < 1:
         raise AlproError("--top must be >= 1")
 
