@@ -458,21 +458,28 @@ def command_parser(cls: type, prog: str, description: str | None = None, epilog:
     return p
 
 
-def parse_command(cls: type[T], argv: list[str], prog: str, description: str | None = None,
+def parse_command(cls: type[T], argv: list[str] | None, prog: str, description: str | None = None,
                   epilog: str | None = None) -> T:
-    """``argv`` -> an instance of ``cls`` through :func:`command_parser` and :func:`from_dict` (string values are
-    read as YAML scalars, as ``--section.key value`` overrides are, then checked against the field types)."""
+    """``argv`` (``None``: ``sys.argv[1:]``) -> an instance of ``cls`` through :func:`command_parser` and
+    :func:`from_dict` (string values are read as YAML scalars, as ``--section.key value`` overrides are, then
+    checked against the field types)."""
     parser = command_parser(cls, prog, description, epilog)
-    return _from_args(cls, vars(parser.parse_args(argv)))
+    return _from_args(cls, vars(parser.parse_args(_argv(argv))))
 
 
-def parse_command_overrides(cls: type[T], argv: list[str], prog: str, description: str | None = None,
+def parse_command_overrides(cls: type[T], argv: list[str] | None, prog: str, description: str | None = None,
                             epilog: str | None = None) -> tuple[T, list[str]]:
     """:func:`parse_command` for a command that also takes ``--section.key VALUE`` config overrides: returns the
     options and the arguments that are not options of ``cls`` (for :func:`apply_overrides`)."""
     parser = command_parser(cls, prog, description, epilog)
-    known, rest = parser.parse_known_args(argv)
+    known, rest = parser.parse_known_args(_argv(argv))
     return _from_args(cls, vars(known)), rest
+
+
+def _argv(argv: list[str] | None) -> list[str]:
+    import sys
+
+    return list(sys.argv[1:] if argv is None else argv)
 
 
 def _from_args(cls: type[T], args: dict[str, Any]) -> T:

@@ -13,15 +13,16 @@ averaged over the 12 video templates, as the prompter builds its pseudo-label ta
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alpro.config import option, parse_command
 from alpro.errors import AlproError
 
 
@@ -221,7 +222,7 @@ def classify(index_dir: Path, labels: list[str], top: int = 3) -> list[dict[str,
             for k, row, vals in zip(keys["keys"], idx, values)]
 
 
-def _labels_for(args, meta: dict[str, Any]) -> list[str]:
+def _labels_for(args: ClassifyOptions, meta: dict[str, Any]) -> list[str]:
     from alpro.corpus.entities import read_entities
 
     if args.labels:
@@ -239,28 +240,66 @@ def _labels_for(args, meta: dict[str, Any]) -> list[str]:
 # -------------------------------------------------------------------------------------------------- CLIs
 
 
+@dataclass
+class IndexOptions:
+    """The options of ``alpro index`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    shards: str
+    """shard set: directory with index.json.zst, tar, glob or brace pattern"""
+    run: Path = option(positional=False)
+    """a finished run (its final/ weights are used)"""
+    out: Path = option(positional=False)
+    """index directory to write"""
+    batch_size: int = 32
+    """clips embedded per forward pass"""
+    tokens: bool = True
+    """store the video tokens for VTM re-ranking (--no-tokens: only the VTC features)"""
+
+
+@dataclass
+class SearchOptions:
+    """The options of ``alpro search`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    query: str
+    """the text to search for"""
+    index: Path = option(positional=False)
+    """an index directory written by alpro index"""
+    top_k: int = 10
+    """how many clips to list"""
+    rerank: int = 32
+    """VTC candidates re-ranked by VTM (0 = VTC only)"""
+    sheet: Path | None = None
+    """write a contact sheet PNG of the hits"""
+    json: bool = False
+    """print the hits as JSON"""
+
+
+@dataclass
+class ClassifyOptions:
+    """The options of ``alpro classify`` (parsed by :func:`alpro.config.parse_command`; help from these
+    docstrings)."""
+
+    index: Path = option(positional=False)
+    """an index directory written by alpro index"""
+    labels: str | None = None
+    """a 'word count' file or a comma list (default: the run's entities)"""
+    top: int = 3
+    """labels per clip"""
+    out: Path | None = None
+    """write one JSON line per clip here"""
+
+
 def index_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro index", description="Embed a shard collection for search.")
-    p.add_argument("shards", help="shard set: directory with index.json.zst, tar, glob or brace pattern")
-    p.add_argument("--run", type=Path, required=True, help="a finished run (its final/ weights are used)")
-    p.add_argument("--out", type=Path, required=True, help="index directory to write")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--no-tokens", action="store_true", help="store only VTC features (no VTM re-ranking)")
-    args = p.parse_args(argv)
-    meta = build_index(args.shards, args.run, args.out, args.batch_size, tokens=not args.no_tokens)
+    args = parse_command(IndexOptions, argv, prog="alpro index",
+                         description="Embed a shard collection for search.")
+    meta = build_index(args.shards, args.run, args.out, args.batch_size, tokens=args.tokens)
     print(f"indexed {meta['num_clips']} clips in {meta['seconds']:.1f}s -> {args.out}")
     return 0
 
 
 def search_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro search", description="Text -> ranked clips over an index.")
-    p.add_argument("query", help="the text to search for")
-    p.add_argument("--index", type=Path, required=True)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--rerank", type=int, default=32, help="VTC candidates re-ranked by VTM (0 = VTC only)")
-    p.add_argument("--sheet", type=Path, default=None, help="write a contact sheet PNG of the hits")
-    p.add_argument("--json", action="store_true", help="print the hits as JSON")
-    args = p.parse_args(argv)
+    args = parse_command(SearchOptions, argv, prog="alpro search",
+                         description="Text -> ranked clips over an index.")
     if args.top_k < 1:
         raise AlproError("--top-k must be >= 1")
     hits = search(args.query, args.index, args.top_k, args.rerank)
@@ -276,12 +315,8 @@ def search_main(argv: list[str] | None = None) -> int:
 
 
 def classify_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro classify", description="Zero-shot clip labels from entity prompts.")
-    p.add_argument("--index", type=Path, required=True)
-    p.add_argument("--labels", default=None, help="a 'word count' file or a comma list (default: the run's entities)")
-    p.add_argument("--top", type=int, default=3)
-    p.add_argument("--out", type=Path, default=None, help="write one JSON line per clip here")
-    args = p.parse_args(argv)
+    args = parse_command(ClassifyOptions, argv, prog="alpro classify",
+                         description="Zero-shot clip labels from entity prompts.")
     _, _, meta = _read_index(args.index)
     labels = _labels_for(args, meta)
     rows = classify(args.index, labels, args.top)
