@@ -19,15 +19,16 @@ Each step is the real CLI (a subprocess), exactly as a user would type it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from alpro.config import parse_command
 from alpro.errors import AlproError
 from alpro.recipes import recipe_dir
 from alpro.shard_format import INDEX_NAME
@@ -179,14 +180,24 @@ def results_table(retrieval: dict, qa: dict, report: dict | None = None) -> str:
     return "\n".join(rows)
 
 
+@dataclass
+class DemoOptions:
+    """The options of ``alpro demo`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    out: Path = Path("demo_out")
+    """output directory"""
+    num_clips: int = 1200
+    """clips in the synthetic corpus"""
+    nproc: int = 2
+    """training processes (torchrun)"""
+    scale: float = 1.0
+    """multiply every stage's step count"""
+    fresh: bool = False
+    """delete OUT first instead of continuing a previous demo"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default demo_out)")
-    p.add_argument("--num-clips", type=int, default=1200, help="clips in the synthetic corpus (default 1200)")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun) (default 2)")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (default 1.0)")
-    p.add_argument("--fresh", action="store_true", help="delete OUT first instead of continuing a previous demo")
-    args = p.parse_args(argv)
+    args = parse_command(DemoOptions, argv, prog="alpro demo", description=__doc__.splitlines()[0])
     if args.num_clips < 50:
         raise AlproError("--num-clips must be >= 50 (the test split needs enough clips for retrieval)")
     if args.fresh and args.out.exists():

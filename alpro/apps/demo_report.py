@@ -16,15 +16,16 @@ baseline (the type's most common training answer, always given), both computed f
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from alpro.config import option, parse_command_overrides
 from alpro.errors import AlproError
 
 ATTRIBUTES = ("color", "shape", "count", "motion", "background")
@@ -184,15 +185,28 @@ def build_report(run: Path | None, corpus: Path, qa_json: Path | None, split: st
     return report
 
 
+@dataclass
+class ReportOptions:
+    """The options of ``python -m alpro.apps.demo_report`` (parsed by :func:`alpro.config.parse_command_overrides`;
+    help from these docstrings). Other ``--section.key VALUE`` pairs override the run's config."""
+
+    corpus: Path = option(positional=False)
+    """the synth corpus directory (manifest.jsonl)"""
+    out: Path = option(positional=False)
+    """directory for report.json and learned.png"""
+    run: Path | None = option(None, positional=True)
+    """a finished pre-training (or prompter) run"""
+    qa: Path | None = None
+    """QA results JSON from alpro eval"""
+    split: Literal["train", "val", "test"] = "test"
+    """the corpus split to report on"""
+    k_test: int | None = None
+    """VTM re-ranking candidates per query (default: the run's eval.k_test)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m alpro.apps.demo_report", description=__doc__.splitlines()[0])
-    p.add_argument("run", type=Path, nargs="?", default=None, help="a finished pre-training (or prompter) run")
-    p.add_argument("--corpus", type=Path, required=True, help="the synth corpus directory (manifest.jsonl)")
-    p.add_argument("--qa", type=Path, default=None, help="QA results JSON from alpro eval")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--k-test", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True, help="directory for report.json and learned.png")
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_command_overrides(ReportOptions, argv, prog="python -m alpro.apps.demo_report",
+                                              description=__doc__.splitlines()[0])
     torch.set_num_threads(max(1, torch.get_num_threads()))
     report = build_report(args.run, args.corpus, args.qa, args.split, overrides, args.k_test)
     args.out.mkdir(parents=True, exist_ok=True)
