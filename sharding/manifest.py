@@ -109,8 +109,17 @@ def sanitize_key(item_id: str) -> str:
     return key
 
 
+def _suffix(path: str) -> str:
+    """``Path(path).suffix`` without building a Path (a manifest has millions of rows); the same string."""
+    if not path or path == "." or path.endswith(("/", "/.")):
+        return Path(path).suffix  # pathlib drops trailing "/" and "." parts first
+    name = path.rsplit("/", 1)[-1]
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
+
+
 def _media_of(path: str, default: Literal["video", "image"] = "video") -> Literal["video", "image"]:
-    suffix = Path(path).suffix.lower()
+    suffix = _suffix(path).lower()
     if suffix in IMAGE_EXTS:
         return "image"
     if suffix in VIDEO_EXTS:
@@ -147,16 +156,20 @@ class _Resolver:
 
     def __init__(self, base: Path, video_ext: str) -> None:
         self.base = base
+        self._prefix = str(base).rstrip("/") + "/"
         self.video_ext = video_ext if video_ext.startswith(".") else f".{video_ext}"
 
     def path(self, rel: str) -> str:
         """Joined, not resolved: a symlink loop is a reject when the file is read, not an error here."""
+        if (rel and rel[0] not in "/~" and not rel.startswith("./") and "//" not in rel and "/./" not in rel
+                and not rel.endswith(("/", "/.")) and rel != "."):
+            return self._prefix + rel  # what pathlib gives for a plain relative path, ~10x faster
         p = Path(rel).expanduser()
         return str(p if p.is_absolute() else self.base / p)
 
     def clip(self, name: str) -> str:
         """A clip name (``video123`` or ``video123.mp4``) -> path under the media root."""
-        return self.path(name if Path(name).suffix.lower() in VIDEO_EXTS | IMAGE_EXTS else name + self.video_ext)
+        return self.path(name if _suffix(name).lower() in VIDEO_EXTS | IMAGE_EXTS else name + self.video_ext)
 
 
 def _decode(data: bytes) -> str:
