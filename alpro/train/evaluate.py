@@ -14,15 +14,16 @@ compared with always answering the most frequent training answer.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from alpro.config import parse_command_overrides
 from alpro.dist import all_gather_objects, all_reduce_, destroy
 from alpro.errors import AlproError
 from alpro.fileio import atomic_write, read_json
@@ -178,19 +179,32 @@ def _load_run(path: Path, overrides: list[str]):
     return from_dict(RunConfig, data), final / "model.safetensors", final
 
 
+@dataclass
+class EvalOptions:
+    """The options of ``alpro eval`` (parsed by :func:`alpro.config.parse_command_overrides`; help from these
+    docstrings). Other ``--section.key VALUE`` pairs override the run's config."""
+
+    run: Path
+    """a run directory (uses RUN/final) or a final/ directory"""
+    task: Literal["retrieval", "qa"] | None = None
+    """default: qa for QA runs, retrieval otherwise (zero-shot for a pre-trained run)"""
+    split: Literal["train", "val", "test"] = "test"
+    """the split to evaluate"""
+    protocol: Literal["original", "lavis", "both"] | None = None
+    """retrieval protocol (default: the run's eval.protocol)"""
+    k_test: int | None = None
+    """VTM re-ranking candidates per query (default: the run's eval.k_test)"""
+    out: Path | None = None
+    """write the metrics as JSON here"""
+    progress: bool = True
+    """tqdm bars on rank 0 (--no-progress: none)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro eval", description="Evaluate retrieval or QA from a finished run.",
-                                epilog="Extra --section.key VALUE pairs override the run's config "
-                                       "(e.g. --data.test.video shards/test --data.eval_batch_size 64).")
-    p.add_argument("run", type=Path, help="a run directory (uses RUN/final) or a final/ directory")
-    p.add_argument("--task", choices=["retrieval", "qa"], default=None,
-                   help="default: qa for QA runs, retrieval otherwise (zero-shot for a pre-trained run)")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--protocol", choices=["original", "lavis", "both"], default=None)
-    p.add_argument("--k-test", type=int, default=None)
-    p.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
-    args, overrides = p.parse_known_args(argv)
+    args, overrides = parse_command_overrides(
+        EvalOptions, argv, prog="alpro eval", description="Evaluate retrieval or QA from a finished run.",
+        epilog="Extra --section.key VALUE pairs override the run's config "
+               "(e.g. --data.test.video shards/test --data.eval_batch_size 64).")
     if args.k_test is not None:
         overrides += ["--eval.k_test", str(args.k_test)]
     cfg, weights, final = _load_run(args.run, overrides)
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     report = load_checkpoint(model, weights)
     LOG.info(str(report))
     model.to(device).eval()
-    progress = rank == 0 and not args.no_progress
+    progress = rank == 0 and args.progress
     t0 = time.perf_counter()
     if task == "qa":
         results = evaluate_qa(model, cfg, tokenizer, answer_vocab, rank, world, device, args.split, progress)
