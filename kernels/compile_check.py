@@ -22,13 +22,12 @@ own candidate lists (``TABLES[name][arch]``), each width class at its worst case
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -208,11 +207,28 @@ def table(arch: int, jobs: int = 2) -> list[tuple[str, Resources]]:
     return [(describe(job), res) for job, res in zip(work, results)]
 
 
+@dataclass
+class CheckOptions:
+    """The options of ``python -m alpro.kernels.compile_check`` (parsed by :func:`alpro.config.parse_command`)."""
+
+    arch: list[int] = field(default_factory=list)
+    """compile for sm_ARCH, one of the architectures in SHARED_LIMIT: 80, 90 (repeatable; default: all)"""
+    jobs: int = 2
+    """parallel compiles"""
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.arch if a not in SHARED_LIMIT]
+        if bad:
+            raise ValueError(f"arch must be one of {', '.join(map(str, sorted(SHARED_LIMIT)))}, got {bad[0]}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, action="append", choices=sorted(SHARED_LIMIT), help="default: all")
-    parser.add_argument("--jobs", type=int, default=2, help="parallel compiles")
-    args = parser.parse_args(argv)
+    from alpro.config import parse_command
+
+    args = parse_command(CheckOptions, argv, prog="python -m alpro.kernels.compile_check",
+                         description=__doc__.split("\n\n")[0])
     failed = 0
     print(f"{'kernel / config':92s} {'sm':>3s} {'smem KB':>8s} {'regs':>5s} {'spill':>6s}")
     for arch in args.arch or sorted(SHARED_LIMIT):
