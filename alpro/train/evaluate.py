@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from alpro.config import parse_command_overrides
-from alpro.dist import all_gather_objects, all_reduce_, destroy
+from alpro.dist import all_gather_objects, all_reduce_
 from alpro.errors import AlproError
 from alpro.fileio import atomic_write, read_json
 
@@ -212,12 +212,21 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.split(args.split).video is None:
         raise AlproError(f"the run's config has no data.{args.split}.video: pass --data.{args.split}.video SHARDS")
 
+    from alpro.train import runtime
+
+    rank, world, local = runtime.init_distributed()
+    try:
+        return _evaluate_run(args, cfg, final, weights, task, rank, world, local)
+    finally:
+        runtime.shutdown()
+
+
+def _evaluate_run(args, cfg, final, weights, task, rank, world, local) -> int:
     from alpro.data import build_tokenizer
     from alpro.models import build_model, load_checkpoint
     from alpro.train import runtime
     from alpro.train.metrics import setup_logging
 
-    rank, world, local = runtime.init_distributed()
     setup_logging(None, rank)
     device = runtime.device_for(local)
     tokenizer = build_tokenizer(tokenizer_dir=final / "tokenizer")
@@ -245,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(args.out, json.dumps({"task": task, "split": args.split, **results}, indent=1))
-    destroy()
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from alpro.dist import destroy
 from alpro.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,6 +34,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The rendezvous variables init_distributed set for a world of one; shutdown() removes them, so a process that
+# runs a command in-process (the tests, a notebook) is left as it was: no RANK / MASTER_PORT pointing at a store
+# that no longer exists for the next command or child process to inherit.
+_ENV_SET_HERE: list[str] = []
+
+
+def shutdown() -> None:
+    """End of a command: tear the process group down and undo init_distributed's environment changes."""
+    destroy()
+    while _ENV_SET_HERE:
+        os.environ.pop(_ENV_SET_HERE.pop(), None)
+
+
 def init_distributed() -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on GPU). Returns (rank, world, local)."""
     if not torch.cuda.is_available():
@@ -40,9 +54,12 @@ def init_distributed() -> tuple[int, int, int]:
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `alpro train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        world_of_one = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        for key, value in world_of_one.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _ENV_SET_HERE.append(key)
     cuda = torch.cuda.is_available()
     if not cuda:
         # DeepSpeed otherwise JIT-compiles a shared-memory comm op (~85 s) on the first CPU collective;

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from alpro.dist import all_reduce_, barrier, broadcast_object, destroy
+from alpro.dist import all_reduce_, barrier, broadcast_object
 from alpro.errors import AlproError
 from alpro.kernels.triton_support import set_tf32
 from alpro.train import runtime
@@ -385,9 +385,9 @@ def _peak_rss_gb() -> float:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     trainer = Trainer(cfg)
-    trainer.setup()
-    try:
+    try:  # setup too: a run that stops in setup (bad run dir, damaged checkpoint) leaves no process group behind
+        trainer.setup()
         return trainer.train()
     finally:
-        destroy()
+        runtime.shutdown()
 
