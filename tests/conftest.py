@@ -205,3 +205,33 @@ def _no_spawn_in_fast_tests(request, monkeypatch):
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
     yield
+
+
+_RENDEZVOUS_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind(request):
+    """A test that runs a command in-process must leave the pytest process as it found it: no live
+    torch.distributed process group (its store and gloo threads outlive the test) and no rendezvous variables
+    that every later child process would inherit. The leak is undone either way; the test that leaked fails."""
+    before = {k: os.environ.get(k) for k in _RENDEZVOUS_ENV}
+    yield
+    leaked = []
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        leaked.append("a torch.distributed process group")
+    changed = [k for k in _RENDEZVOUS_ENV if os.environ.get(k) != before[k]]
+    for k in changed:
+        if before[k] is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = before[k]
+    if changed:
+        leaked.append("environment " + ", ".join(changed))
+    if leaked:
+        pytest.fail(f"{request.node.nodeid} left {' and '.join(leaked)} behind in the pytest process",
+                    pytrace=False)
