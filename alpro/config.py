@@ -262,7 +262,8 @@ def apply_overrides(data: dict[str, Any], args: list[str]) -> dict[str, Any]:
 
 
 def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
-           positional: bool | None = None, flat: bool = False, metavar: str | None = None) -> Any:
+           positional: bool | None = None, flat: bool = False, metavar: str | None = None,
+           aliases: tuple[str, ...] = (), hidden: bool = False) -> Any:
     """A dataclass field with command-line details for :func:`command_parser` (use it like ``field``).
 
     - ``positional``: given by position; with a default it may be left out. By default a field without a default
@@ -271,8 +272,10 @@ def option(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
       ``--video.gop``); :func:`from_dict` also takes those fields at the top level (``{"gop": 4}``), over the
       field's default instance.
     - ``metavar``: the placeholder shown in ``--help`` (default: the field name in capitals).
+    - ``aliases``: other spellings of the flag (``("--local_rank",)``, which launchers pass).
+    - ``hidden``: left out of ``--help`` (a flag for launchers, not for people).
     """
-    cli = {"positional": positional, "flat": flat, "metavar": metavar}
+    cli = {"positional": positional, "flat": flat, "metavar": metavar, "aliases": tuple(aliases), "hidden": hidden}
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"cli": cli})
 
 
@@ -422,7 +425,7 @@ def command_parser(cls: type, prog: str, description: str | None = None, epilog:
     A field without a default is a positional argument and every other field a ``--dashed-name`` flag (see
     :func:`option` for positionals with a default, required flags and flat nested options): a bool defaulting to
     false is a switch, one defaulting to true is ``--no-name``; a list is one value per flag, repeatable
-    (``--qa a.jsonl --qa b.jsonl``). The help is the field's docstring, and the fields under a ``# section``
+    (``--qa a.jsonl --qa b.jsonl``), and a list positional takes one or more values. The help is the field's docstring, and the fields under a ``# section``
     comment form a group. Values are checked by :func:`from_dict` (see :func:`parse_command`), so a bad value
     is the same one-line ``ConfigError`` as in a YAML file."""
     import argparse
@@ -432,29 +435,29 @@ def command_parser(cls: type, prog: str, description: str | None = None, epilog:
     for a in _arguments(cls):
         target = groups.get(a.group) or groups.setdefault(a.group, p.add_argument_group(a.group))
         cli = _cli(a.field)
-        help_text = a.doc.replace("%", "%%")
+        help_text = argparse.SUPPRESS if cli.get("hidden") else a.doc.replace("%", "%%")
         choices = _choices(a.tp)
         metavar = cli.get("metavar") or ("{" + ",".join(str(c) for c in choices) + "}" if choices else None)
         required = a.default is dataclasses.MISSING
         if cli.get("positional") or (required and cli.get("positional") is None):
-            nargs = None if required else "?"
+            nargs = ("+" if required else "*") if _is_list(a.tp) else (None if required else "?")
             target.add_argument(a.name, nargs=nargs, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
             continue
-        flag = "--" + a.name.replace("_", "-")
+        flags = ["--" + a.name.replace("_", "-"), *cli.get("aliases", ())]
         if a.tp is bool:
             if a.default is True:
-                target.add_argument("--no-" + a.name.replace("_", "-"), dest=a.name, action="store_false",
-                                    default=argparse.SUPPRESS, help=help_text)
+                target.add_argument("--no-" + a.name.replace("_", "-"), *cli.get("aliases", ()), dest=a.name,
+                                    action="store_false", default=argparse.SUPPRESS, help=help_text)
             else:
-                target.add_argument(flag, dest=a.name, action="store_true", default=argparse.SUPPRESS,
+                target.add_argument(*flags, dest=a.name, action="store_true", default=argparse.SUPPRESS,
                                     help=help_text)
             continue
         # the default is shown unless there is none, or the docstring says it in words
         quiet = required or a.default is None or a.default in ([], ()) or "default" in a.doc.lower()
         shown = "" if quiet else f" (default: {a.default})"
-        target.add_argument(flag, dest=a.name, action="append" if _is_list(a.tp) else "store", required=required,
+        target.add_argument(*flags, dest=a.name, action="append" if _is_list(a.tp) else "store", required=required,
                             default=argparse.SUPPRESS, metavar=metavar or a.name.upper(),
-                            help=f"{help_text}{shown}".strip())
+                            help=help_text if cli.get("hidden") else f"{help_text}{shown}".strip())
     return p
 
 

@@ -6,20 +6,31 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+
+from alpro.config import option, parse_command_overrides
+
+
+@dataclass
+class TrainCommand:
+    """The options of ``alpro train`` (parsed by :func:`alpro.config.parse_command_overrides`; help from these
+    docstrings); every other ``--section.key VALUE`` pair overrides the config file."""
+
+    config: str = option(positional=False)
+    """stage YAML (launch/configs/*.yaml)"""
+    resume: str | None = None
+    """shortcut for --train.resume (auto | checkpoint | run dir)"""
+    print_config: bool = False
+    """print the resolved config and exit"""
+    local_rank: int | None = option(None, aliases=("--local_rank",), hidden=True)
+    """set by the deepspeed launcher; torchrun's LOCAL_RANK is what the trainer reads"""
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="alpro train",
+    args, overrides = parse_command_overrides(
+        TrainCommand, argv, prog="alpro train",
         description="Train one ALPRO stage (prompter, pretrain, retrieval, qa) with DeepSpeed.",
-        epilog="Any --section.key VALUE pair overrides the config file, e.g. --optim.lr 5e-5 --train.steps 100.",
-    )
-    p.add_argument("--config", required=True, help="stage YAML (launch/configs/*.yaml)")
-    p.add_argument("--resume", default=None, help="shortcut for --train.resume (auto | checkpoint | run dir)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
-    args, overrides = p.parse_known_args(argv)
+        epilog="Any --section.key VALUE pair overrides the config file, e.g. --optim.lr 5e-5 --train.steps 100.")
     if args.resume is not None:
         overrides += ["--train.resume", args.resume]
 

@@ -6,7 +6,7 @@ interrupted-and-resumed run against an uninterrupted one).
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from alpro.errors import AlproError
@@ -76,11 +76,20 @@ def plot_run(run_dir: Path) -> list[Path]:
     return plot_runs([run_dir])
 
 
+@dataclass
+class PlotOptions:
+    """The options of ``alpro plot`` (parsed by :func:`alpro.config.parse_command`; help from these docstrings)."""
+
+    runs: list[Path]
+    """run directories (the first one receives plots/)"""
+    out: Path | None = None
+    """output directory (default: RUN/plots)"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="alpro plot", description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path, help="run directories (the first one receives plots/)")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default RUN/plots)")
-    args = p.parse_args(argv)
+    from alpro.config import parse_command
+
+    args = parse_command(PlotOptions, argv, prog="alpro plot", description=__doc__.splitlines()[0])
     for path in plot_runs(args.runs, args.out):
         print(path)
     return 0
