@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from alpro.config import ConfigError, apply_overrides, from_dict, parse_overrides, to_dict
+from alpro.config import ConfigError, apply_overrides, from_dict, option, parse_overrides, to_dict
 
 
 @dataclass
@@ -92,3 +92,76 @@ def test_command_options_from_a_dataclass_with_docstring_help(capsys):
         parse_command(Opts, ["in", "--mode", "c"], prog="t")
     help_text = command_parser(Opts, prog="t").format_help()
     assert "where from" in help_text and "how many (default: 3)" in help_text and "--no-progress" in help_text
+
+
+@dataclass
+class Encoder:
+    codec: Literal["h264", "vp9"] = "h264"
+    """the codec"""
+    gop: int = 8
+    """keyframe interval"""
+
+
+@dataclass
+class Command:
+    out: Path = option(positional=False)
+    """where to (a required flag)"""
+    src: str | None = option(None, positional=True)
+    """where from (may be left out)"""
+    size: int = 1
+    """how big"""
+    # encoding
+    video: Encoder = option(default_factory=lambda: Encoder(gop=6), flat=True)
+    # checks
+    strict: bool = False
+    """refuse more"""
+    rank: int | None = option(None, aliases=("--the_rank",), hidden=True)
+    """for a launcher"""
+
+
+def test_flat_options_required_flags_optional_positionals_and_groups(capsys):
+    """option(): a nested options class whose fields are the command's own flags (over the field's default
+    instance, also in from_dict), a required flag, a positional that may be left out, a hidden launcher flag,
+    help groups from the section comments."""
+    from alpro.cli import guarded
+    from alpro.config import command_parser, field_groups, parse_command
+
+    assert parse_command(Command, ["--out", "o"], prog="t") == Command(Path("o"), None, 1, Encoder("h264", 6))
+    c = parse_command(Command, ["s", "--out", "o", "--gop", "4", "--codec", "vp9", "--the_rank=3"], prog="t")
+    assert c == Command(Path("o"), "s", 1, Encoder("vp9", 4), False, 3)
+    # from_dict takes the flat keys at the top level, over the default instance (gop 6, not Encoder's 8) and over
+    # a nested mapping; to_dict -> from_dict round-trips
+    assert from_dict(Command, {"out": "o", "codec": "vp9"}).video == Encoder("vp9", 6)
+    assert from_dict(Command, {"out": "o", "video": {"codec": "vp9"}, "gop": 2}).video == Encoder("vp9", 2)
+    assert from_dict(Command, to_dict(c)) == c
+    # errors name the flag's own key, and suggest among the flat keys
+    with pytest.raises(ConfigError, match="'gop' must be int, got 'x'"):
+        parse_command(Command, ["--out", "o", "--gop", "x"], prog="t")
+    with pytest.raises(ConfigError, match="did you mean 'gop'"):
+        from_dict(Command, {"out": "o", "gopp": 2})
+    # a usage mistake under the one wrapper: one line, exit 2
+    assert guarded("t", lambda argv: parse_command(Command, argv, prog="t"), ["s"]) == 2
+    assert capsys.readouterr().err == "alpro t: error: the following arguments are required: --out\n"
+    assert field_groups(Command) == {"video": "encoding", "strict": "checks", "rank": "checks"}
+    help_text = command_parser(Command, prog="t").format_help()
+    assert "encoding:\n  --codec {h264,vp9}  the codec (default: h264)" in help_text
+    assert "keyframe interval (default: 6)" in help_text and "checks:\n  --strict" in help_text
+    assert "--out OUT" in help_text and "[src]" in help_text and "rank" not in help_text
+
+
+def test_list_positionals_and_repeated_list_flags():
+    from alpro.config import parse_command, parse_command_overrides
+
+    @dataclass
+    class Plot:
+        runs: list[Path]
+        """run directories"""
+        arch: list[int] = field(default_factory=list)
+        """architectures"""
+
+    assert parse_command(Plot, ["a", "b", "--arch", "80", "--arch", "90"], prog="t") == \
+        Plot([Path("a"), Path("b")], [80, 90])
+    with pytest.raises(ConfigError, match=re.escape("'arch[0]' must be int, got 'x'")):
+        parse_command(Plot, ["a", "--arch", "x"], prog="t")
+    opts, rest = parse_command_overrides(Plot, ["a", "--data.x", "1", "--arch", "80"], prog="t")
+    assert opts == Plot([Path("a")], [80]) and rest == ["--data.x", "1"]
