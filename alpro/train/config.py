@@ -142,10 +142,10 @@ class TrainConfig:
     """Evaluate every N steps (0 = only at the end)."""
     eval_at_start: bool = False
     """Evaluate before the first step (the original's zero-shot validation at step 0)."""
-    elastic: Literal["auto", "universal", "off"] = "auto"
+    elastic: Literal["auto", "universal", "never"] = "auto"
     """Resuming a ZeRO-1/2/3 checkpoint on another world size (or ZeRO stage): ``auto`` converts it once to
     DeepSpeed's universal checkpoint (``checkpoints/universal/step-N``) and loads that; ``universal`` always
-    does (also on the same world size); ``off`` refuses another world size (docs/training.md)."""
+    does (also on the same world size); ``never`` refuses another world size (docs/training.md)."""
     nan_policy: Literal["stop", "skip"] = "stop"
     """Non-finite loss or gradients: stop (naming the step and the loss) or skip the step."""
     max_skipped_steps: int = 20
