@@ -92,3 +92,54 @@ def test_usage_errors_are_one_line_only_while_a_command_runs(capsys):
     assert capsys.readouterr().err == "alpro x: error: unrecognized arguments: --nope\n"
     with pytest.raises(SystemExit):  # restored afterwards: a library's own parser behaves as argparse does
         argparse.ArgumentParser(prog="other").parse_args(["--nope"])
+
+
+# The options dataclass of every `alpro` command and helper script (parsed by alpro.config; help from docstrings).
+OPTIONS = {
+    "synth": "alpro.corpus.synth:SynthOptions", "shard": "alpro.sharding.shard:ShardCommand",
+    "inspect": "alpro.sharding.inspect:InspectOptions", "entities": "alpro.corpus.entities:EntitiesOptions",
+    "train": "alpro.train:TrainCommand", "eval": "alpro.train.evaluate:EvalOptions",
+    "export": "alpro.train.export:ExportOptions", "plot": "alpro.train.plots:PlotOptions",
+    "index": "alpro.apps.search:IndexOptions", "search": "alpro.apps.search:SearchOptions",
+    "classify": "alpro.apps.search:ClassifyOptions", "demo": "alpro.apps.demo:DemoOptions",
+}
+SCRIPTS = {"alpro.apps.demo_report": "ReportOptions", "alpro.kernels.compile_check": "CheckOptions"}
+
+
+def test_every_command_has_an_options_dataclass_and_help_for_every_option(capsys):
+    import importlib
+
+    from alpro.cli import COMMANDS
+    from alpro.config import command_parser
+
+    assert set(OPTIONS) == set(COMMANDS)
+    classes = {name: getattr(importlib.import_module(path.split(":")[0]), path.split(":")[1])
+               for name, path in OPTIONS.items()}
+    classes.update({mod: getattr(importlib.import_module(mod), cls) for mod, cls in SCRIPTS.items()})
+    for name, cls in classes.items():
+        parser = command_parser(cls, prog=name)
+        undocumented = [a.dest for a in parser._actions if not a.help]
+        assert not undocumented, (name, undocumented)
+        if name in COMMANDS:  # the command itself prints that help
+            with pytest.raises(SystemExit) as e:
+                main([name, "--help"])
+            assert e.value.code == 0
+            out = capsys.readouterr().out
+            flags = [s for a in parser._actions if a.help != argparse.SUPPRESS for s in a.option_strings]
+            assert out.startswith(f"usage: alpro {name}") and all(f in out for f in flags), name
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["synth", "out", "--num-clips", "ten"], "'num_clips' must be int, got 'ten'"),
+    (["inspect"], "the following arguments are required: shards"),
+    (["entities", "--out", "u.txt", "--tagger", "nltk"], "'tagger' must be one of 'auto' | 'spacy' | 'heuristic'"),
+    (["demo", "--scale", "fast"], "'scale' must be float, got 'fast'"),
+    (["eval", "run", "--split", "dev"], "'split' must be one of 'train' | 'val' | 'test', got 'dev'"),
+    (["search", "a query"], "the following arguments are required: --index"),
+    (["classify", "--index", "i", "--top", "1.5"], "'top' must be int, got 1.5"),
+    (["plot"], "the following arguments are required: runs"),
+])
+def test_bad_values_are_one_line_errors(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"alpro {argv[0]}: error: ") and message in err and err.count("\n") == 1, err
