@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alpro.errors import AlproError
+from alpro.fileio import is_url
 
 __all__ = [
     "ManifestRow",
@@ -154,13 +155,18 @@ def _id_from_path(rel: str) -> str:
 class _Resolver:
     """Turns manifest paths and clip names into absolute source paths."""
 
-    def __init__(self, base: Path, video_ext: str) -> None:
+    def __init__(self, base: Path | str, video_ext: str) -> None:
         self.base = base
+        self._url = isinstance(base, str)  # an fsspec URL (s3://bucket/media): joined as a string
         self._prefix = str(base).rstrip("/") + "/"
         self.video_ext = video_ext if video_ext.startswith(".") else f".{video_ext}"
 
     def path(self, rel: str) -> str:
         """Joined, not resolved: a symlink loop is a reject when the file is read, not an error here."""
+        if is_url(rel):
+            return rel
+        if self._url and not rel.startswith(("/", "~")):
+            return self._prefix + rel.removeprefix("./")
         if (rel and rel[0] not in "/~" and not rel.startswith("./") and "//" not in rel and "/./" not in rel
                 and not rel.endswith(("/", "/.")) and rel != "."):
             return self._prefix + rel  # what pathlib gives for a plain relative path, ~10x faster
@@ -449,6 +455,10 @@ def _checked(path: str | Path, fmt: str | None, media_root: str | Path | None) -
         raise AlproError(f"unknown manifest format {fmt!r} (choose from {', '.join(FORMATS)})")
     if (fmt == "folder") != path.is_dir():
         raise AlproError(f"{path}: format '{fmt}' needs a {'folder' if fmt == 'folder' else 'file'}")
+    if media_root is not None and is_url(str(media_root)):
+        if fmt == "folder":
+            raise AlproError(f"{path}: a folder manifest takes no --media-root")
+        return path, fmt, str(media_root).rstrip("/")  # type: ignore[return-value]
     # Absolute but not resolved (see the module docstring); a folder is its own root.
     root = (path if fmt == "folder" else Path(media_root).expanduser() if media_root else path.parent).absolute()
     return path, fmt, root

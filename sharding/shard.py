@@ -23,8 +23,10 @@ import errno
 import hashlib
 import math
 import multiprocessing as mp
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from array import array
 from collections import Counter, deque
@@ -40,7 +42,8 @@ from tqdm import tqdm
 
 from alpro.config import ConfigError, from_dict, option, parse_command, to_dict
 from alpro.errors import AlproError
-from alpro.shard_format import DALI_IDX_SUFFIX, REJECTS_NAME, STATS_SUFFIX, encode_vinfo
+from alpro.fileio import atomic_write, is_url, upload, url_fs, url_join
+from alpro.shard_format import BUILD_NAME, DALI_IDX_SUFFIX, REJECTS_NAME, STATS_SUFFIX, encode_vinfo
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
 from alpro.sharding.manifest import (
     FORMATS,
@@ -78,8 +81,9 @@ class ShardOptions:
     # inputs
     format: str | None = None
     """manifest format: csv, tsv, jsonl, json or folder (default: from the extension)"""
-    media_root: Path | None = None
-    """directory relative media paths resolve against (default: the manifest's directory)"""
+    media_root: str | Path | None = None
+    """directory (or fsspec URL, s3://bucket/media) relative media paths resolve against (default: the manifest's
+    directory)"""
     video_ext: str = ".mp4"
     """extension added to clip names without one"""
     qa: list[Path] = field(default_factory=list)
@@ -143,6 +147,8 @@ class ShardOptions:
     one)"""
 
     def __post_init__(self) -> None:
+        if isinstance(self.media_root, str) and not is_url(self.media_root):
+            self.media_root = Path(self.media_root)  # a URL stays a string (a Path would fold its "//")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
         if self.shard_bytes == 0:  # the command line's spelling of "no limit"
@@ -195,7 +201,8 @@ class ShardOptions:
 class ShardSummary:
     """What a build (of one node's partition) produced; ``table()`` renders the closing summary."""
 
-    out_dir: Path
+    out_dir: Path | str
+    """the output directory, or its URL"""
     inputs: int
     written: int
     rejected: int
@@ -207,8 +214,8 @@ class ShardSummary:
     frames: int
     duration: float
     seconds: float
-    index_path: Path | None
-    part_path: Path | None
+    index_path: Path | str | None
+    part_path: Path | str | None
     warnings: list[str] = field(default_factory=list)
     captions_dropped: int = 0
     nonfinite_nulled: int = 0
@@ -345,7 +352,9 @@ def _finite_json(value: Any) -> tuple[Any, int]:
 
 def _read_source(path: str, max_bytes: int) -> bytes:
     """The source bytes; a path that cannot be reached (no such file, broken symlink, symlink loop, no
-    permission) is ``missing`` with the OS's reason."""
+    permission) is ``missing`` with the OS's reason. ``path`` may be an fsspec URL (``s3://bucket/a.mp4``)."""
+    if is_url(path):
+        return _read_url(path, max_bytes)
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -363,6 +372,22 @@ def _read_source(path: str, max_bytes: int) -> bytes:
         return p.read_bytes()
     except OSError as e:
         raise Reject("missing", f"cannot read: {e.strerror or type(e).__name__}") from None
+
+
+def _read_url(url: str, max_bytes: int) -> bytes:
+    """:func:`_read_source` for an object (one HEAD for the size, one GET)."""
+    fs, path = url_fs(url)
+    try:
+        size = fs.size(path)
+        if size == 0:
+            raise Reject("empty_file", "0 bytes")
+        if size > max_bytes:
+            raise Reject("too_large", f"{size} bytes > {max_bytes}")
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise Reject("missing", "no such object") from None
+    except (OSError, ValueError) as e:
+        raise Reject("missing", f"cannot read: {' '.join(str(e).split())[:200]}") from None
 
 
 def _metadata(item: _Item, captions: list[str], sha256: str, m: EncodedMedia, extra: Any) -> dict[str, Any]:
@@ -448,8 +473,9 @@ def _results(items: Iterator[_Item], pool: ProcessPoolExecutor | None, window: i
 class _Partition:
     """The ordered writer of one node's rows: assigns samples and rejects to shards, rolls shards."""
 
-    def __init__(self, out_dir: Path, prefix: str, opts: ShardOptions, done: list[dict[str, Any]], start_row: int):
-        self.out_dir, self.prefix, self.opts = out_dir, prefix, opts
+    def __init__(self, out_dir: Path, prefix: str, opts: ShardOptions, done: list[dict[str, Any]], start_row: int,
+                 remote: str | None = None):
+        self.out_dir, self.prefix, self.opts, self.remote = out_dir, prefix, opts, remote
         self.seq, self.start_row = len(done), start_row
         self.seen = {sha: key for stats in reversed(done) for sha, key in zip(stats["sha256"], stats["keys"])}
         self.writer: ShardWriter | None = None
@@ -498,7 +524,7 @@ class _Partition:
 
     def _open(self) -> None:
         # Rejects seen before this shard's first sample belong to it, so its rows start where the last one ended.
-        self.writer = ShardWriter(self.out_dir, _stem(self.prefix, self.seq))
+        self.writer = ShardWriter(self.out_dir, _stem(self.prefix, self.seq), self.remote)
         self.info = {"keys": [], "media": [], "num_frames": [], "offsets": [], "sizes": [], "sha256": [],
                      "duration": 0.0, "captions_dropped": 0, "nonfinite_nulled": 0,
                      "t0": time.perf_counter()}
@@ -616,7 +642,7 @@ def _stem(prefix: str, seq: int) -> str:
     return f"{prefix}-{seq:06d}"
 
 
-def _resume(out_dir: Path, prefix: str, lo: int) -> tuple[list[dict[str, Any]], int]:
+def _resume(out_dir: Path | str, prefix: str, lo: int) -> tuple[list[dict[str, Any]], int]:
     """The complete shards at the start of this partition (contiguous, each starting where the last ended)."""
     done: list[dict[str, Any]] = []
     row = lo
@@ -656,6 +682,8 @@ def shard_manifest(
     except ConfigError as e:
         raise AlproError(str(e)) from None
     try:
+        if is_url(out_dir):
+            return _build_remote(manifest, str(out_dir).rstrip("/"), opts)
         return _build(manifest, Path(out_dir), opts)
     except OSError as e:
         raise AlproError(_os_error_line(e)) from None
@@ -670,7 +698,58 @@ def _os_error_line(e: OSError) -> str:
     return f"{where}: {e.strerror or ' '.join(str(e).split())}"
 
 
-def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts: ShardOptions) -> ShardSummary:
+def _build_remote(manifest: str | Path | Manifest | ManifestStream, url: str, opts: ShardOptions) -> ShardSummary:
+    """A build into an fsspec URL: made in a local staging directory, each finished file uploaded in one PUT
+    (shards as they complete, tar, idx, stats; the dataset files at the end, the index last), so an object
+    under a final name is always complete. Resume and the options check read the remote objects."""
+    staging = Path(tempfile.mkdtemp(prefix="alpro-shard-staging-"))
+    try:
+        return _build(manifest, staging, opts, remote=url)
+    except AlproError as e:
+        raise AlproError(str(e).replace(str(staging), url)) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fetch(url: str, name: str, local: Path) -> bool:
+    """Download ``url/name`` into ``local/name`` if it exists; True if it did."""
+    fs, path = url_fs(url_join(url, name))
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return False
+    atomic_write(local / name, data)
+    return True
+
+
+def _publish(local: Path, url: str) -> None:
+    """Upload every file of the staging directory (dataset files: sizes, rejects, index columns, ...), the
+    index last: its presence means the set is complete, on object storage as on disk."""
+    files = sorted(p for p in local.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                          for part in p.relative_to(local).parts))
+    files = [p for p in files if p.name != BUILD_NAME]  # uploaded at the start
+    files.sort(key=lambda p: p.name == INDEX_NAME)
+    for path in files:
+        upload(path, url_join(url, *path.relative_to(local).parts))
+
+
+def _remove_stale_remote(url: str, prefix: str, keep: int) -> None:
+    """:func:`_remove_stale` on object storage (no temporaries there: nothing partial is ever uploaded)."""
+    fs, _ = url_fs(url)
+    seq = keep
+    while True:
+        paths = [url_fs(url_join(url, f"{_stem(prefix, seq)}{suffix}"))[1]
+                 for suffix in (STATS_SUFFIX, DALI_IDX_SUFFIX, ".tar")]
+        found = [p for p in paths if fs.exists(p)]
+        if not found:
+            return
+        for path in found:
+            fs.rm_file(path)
+        seq += 1
+
+
+def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts: ShardOptions,
+           remote: str | None = None) -> ShardSummary:
     t0 = time.perf_counter()
     if isinstance(manifest, Manifest):
         manifest = ManifestStream.of(manifest)
@@ -688,14 +767,19 @@ def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts
                      "format": manifest.format, "sha256": manifest.sha256, "rows": plan.rows},
         "options": opts.output_options(),
     }
+    had_build = remote is not None and _fetch(remote, BUILD_NAME, out_dir)
     write_build(out_dir, build)
+    if remote is not None and not had_build:
+        upload(out_dir / BUILD_NAME, url_join(remote, BUILD_NAME))
 
     lo = plan.rows * opts.node_rank // opts.num_nodes
     hi = plan.rows * (opts.node_rank + 1) // opts.num_nodes
     prefix = _stem_prefix(opts)
-    done, resume_row = _resume(out_dir, prefix, lo)
+    done, resume_row = _resume(remote or out_dir, prefix, lo)
     _remove_stale(out_dir, prefix, keep=len(done))
-    part = _Partition(out_dir, prefix, opts, done, resume_row)
+    if remote is not None:
+        _remove_stale_remote(remote, prefix, keep=len(done))
+    part = _Partition(out_dir, prefix, opts, done, resume_row, remote)
 
     n_todo = hi - resume_row
     lines: dict[int, int] = {}  # manifest line of the rows in flight and of the unfinished shard's first row
@@ -742,6 +826,8 @@ def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     _remove_stale(out_dir, prefix, keep=part.seq)
+    if remote is not None:
+        _remove_stale_remote(remote, prefix, keep=part.seq)
 
     shards = done + part.finished
     part_record = {"build": build, "rank": opts.node_rank, "num_nodes": opts.num_nodes, "rows": [lo, hi],
@@ -750,11 +836,16 @@ def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts
     if opts.num_nodes == 1:
         merge_index(out_dir, [part_record])
         index_path = out_dir / INDEX_NAME
+        if remote is not None:
+            _publish(out_dir, remote)
+            index_path = url_join(remote, INDEX_NAME)
     else:
         part_path = write_part(out_dir, opts.node_rank, opts.num_nodes, part_record)
+        if remote is not None:
+            part_path = upload(part_path, url_join(remote, part_path.name))
     rejects = [r for s in shards for r in s["rejects"]] + orphans
     return ShardSummary(
-        out_dir=out_dir,
+        out_dir=remote or out_dir,
         inputs=hi - lo,
         written=sum(s["num_samples"] for s in shards),
         rejected=len(rejects),

@@ -12,6 +12,10 @@ complete only when its stats exist and name the tar's exact size, so a kill -9 a
 nothing or a complete file under a final name, and an interrupted shard is simply rebuilt (identically) on the
 next run.
 
+Object storage (``remote``, an fsspec URL such as ``s3://bucket/prefix``): the shard is made as above in a local
+staging directory, then uploaded tar, idx, stats, one PUT each (a PUT is atomic: an object is whole or absent),
+and the local copies are removed. The stats object, uploaded last, is the marker there too.
+
 Write errors (a full disk above all) surface as ``OSError`` whose ``filename`` is the final name of the file
 being written (the temporary is removed first), so the caller can print one line naming it; ``abort`` never
 raises, whatever state a failed write left the tar in.
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from alpro.fileio import atomic_write, named_oserror
+from alpro.fileio import atomic_write, is_url, named_oserror, upload, url_fs, url_join
 from alpro.shard_format import DALI_IDX_SUFFIX, stats_name
 
 __all__ = ["MTIME", "SampleRecord", "ShardWriter", "atomic_write", "json_bytes", "shard_is_complete",
@@ -76,8 +80,8 @@ def dali_index_lines(records: list[SampleRecord]) -> str:
 class ShardWriter:
     """Append samples to ``OUT_DIR/STEM.tar`` (under a temporary name) and finish it atomically."""
 
-    def __init__(self, out_dir: Path, stem: str) -> None:
-        self.out_dir, self.stem = out_dir, stem
+    def __init__(self, out_dir: Path, stem: str, remote: str | None = None) -> None:
+        self.out_dir, self.stem, self.remote = out_dir, stem, remote
         self.tar_path = out_dir / f"{stem}.tar"
         self.idx_path = out_dir / f"{stem}{DALI_IDX_SUFFIX}"
         self.stats_path = out_dir / stats_name(stem)
@@ -127,6 +131,11 @@ class ShardWriter:
         atomic_write(self.idx_path, dali_index_lines(self.records).encode())
         stats = {"file": self.tar_path.name, "idx": self.idx_path.name, "bytes": size, **stats}
         atomic_write(self.stats_path, json_bytes(stats) + b"\n")
+        if self.remote is not None:
+            for path in (self.tar_path, self.idx_path, self.stats_path):  # stats last: the marker
+                upload(path, url_join(self.remote, path.name))
+            for path in (self.stats_path, self.idx_path, self.tar_path):
+                path.unlink(missing_ok=True)
         return stats
 
     def abort(self) -> None:
@@ -144,8 +153,21 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def shard_is_complete(out_dir: Path, stem: str) -> dict[str, Any] | None:
-    """The stats of a finished shard, or ``None`` if any of tar / idx / stats is missing or disagrees."""
+def shard_is_complete(out_dir: Path | str, stem: str) -> dict[str, Any] | None:
+    """The stats of a finished shard, or ``None`` if any of tar / idx / stats is missing or disagrees
+    (``out_dir`` may be a URL)."""
+    if isinstance(out_dir, str) and is_url(out_dir):
+        fs, _ = url_fs(out_dir)
+        try:
+            stats = json.loads(fs.cat_file(url_fs(url_join(out_dir, stats_name(stem)))[1]))
+            if fs.size(url_fs(url_join(out_dir, f"{stem}.tar"))[1]) != stats["bytes"]:
+                return None
+            if not fs.exists(url_fs(url_join(out_dir, f"{stem}{DALI_IDX_SUFFIX}"))[1]):
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return stats
+    out_dir = Path(out_dir)
     stats_path = out_dir / stats_name(stem)
     tar_path, idx_path = out_dir / f"{stem}.tar", out_dir / f"{stem}{DALI_IDX_SUFFIX}"
     try:
