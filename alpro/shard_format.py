@@ -15,7 +15,8 @@ from typing import NamedTuple
 __all__ = [
     "FORMAT_TAG", "FORMAT_VERSION", "INDEX_NAME", "BUILD_NAME", "SIZES_NAME", "REJECTS_NAME", "STATS_SUFFIX",
     "DALI_IDX_SUFFIX", "VIDEO_EXTS", "IMAGE_EXTS", "VINFO_SIZE", "VideoInfo", "encode_vinfo", "decode_vinfo",
-    "vinfo_frames", "stats_name", "part_name",
+    "vinfo_frames", "stats_name", "part_name", "COLUMNS_DIR", "COLUMNS_META", "COLUMNS_TAG", "COLUMNS_VERSION",
+    "SHARD_COLUMNS", "SAMPLE_COLUMNS", "MEDIA_CODES",
 ]
 
 FORMAT_TAG = "alpro-shards"  # index.json.zst's "format": what tells an alpro index from any other JSON
@@ -26,6 +27,28 @@ SIZES_NAME = "sizes.json"  # {"NAME-000000.tar": n_samples, ...} (open_clip conv
 REJECTS_NAME = "rejects.jsonl"
 STATS_SUFFIX = "_stats.json"  # NAME-000000_stats.json next to NAME-000000.tar
 DALI_IDX_SUFFIX = ".idx"
+
+# The columnar index (docs/shard_format.md, "The columnar index"): a directory of numpy ``.npy`` files next to
+# index.json.zst, written just before it, that a loader memory-maps instead of parsing the JSON.
+COLUMNS_DIR = "index.cols"
+COLUMNS_META = "meta.json"  # {"format": COLUMNS_TAG, "version", "shards", "samples", "index_bytes", ...}
+COLUMNS_TAG = "alpro-shards-columns"
+COLUMNS_VERSION = 1
+# column -> (file name, dtype); "S" = fixed-width bytes whose width is the longest value (UTF-8, NUL-padded).
+SHARD_COLUMNS = {
+    "file": ("shard_file.npy", "S"),  # (S,) tar name relative to the directory
+    "idx": ("shard_idx.npy", "S"),  # (S,) DALI index name, b"" = none
+    "start": ("shard_start.npy", "<i8"),  # (S + 1,) first sample of each shard in the sample columns; last = N
+    "media": ("shard_media.npy", "<i8"),  # (S, 3) samples per media code (video, image, unknown)
+}
+SAMPLE_COLUMNS = {
+    "key": ("key.npy", "S"),  # (N,)
+    "offset": ("offset.npy", "<i8"),  # (N,) byte offset of the sample's first header in its tar
+    "size": ("size.npy", "<i8"),  # (N,) bytes up to the end of its last member
+    "media": ("media.npy", "u1"),  # (N,) MEDIA_CODES
+    "num_frames": ("num_frames.npy", "<i4"),  # (N,) -1 = unknown
+}
+MEDIA_CODES = {"video": 0, "image": 1}  # anything else: 2 (unknown)
 
 # Member extensions (without the dot) the readers treat as media, in the order they are looked for.
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi", "m4v")

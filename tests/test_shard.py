@@ -82,7 +82,7 @@ def _files(out: Path) -> dict[str, bytes]:
 
 def test_layout_and_tar_format(built):
     names = sorted(p.name for p in built.iterdir())
-    assert names == ["build.json", "index.json.zst", "rejects.jsonl",
+    assert names == ["build.json", "index.cols", "index.json.zst", "rejects.jsonl",
                      "shard-000000.idx", "shard-000000.tar", "shard-000000_stats.json",
                      "shard-000001.idx", "shard-000001.tar", "shard-000001_stats.json",
                      "shard-000002.idx", "shard-000002.tar", "shard-000002_stats.json", "sizes.json"]

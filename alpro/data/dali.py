@@ -167,7 +167,9 @@ class DaliIndexedSource(IndexedSource):
 
     def _context(self) -> str | None:
         # Forking a process that runs DALI threads crashes the children: DALI runs start their workers from a
-        # clean fork server instead (the dataset is pickled to them once).
+        # clean fork server instead. The dataset is pickled to them once: a shard set read from a columnar index
+        # travels as its path and is re-mapped in the worker (alpro.data.shards.ColumnIndex), so a worker holds
+        # the pages it reads, not a copy of the index.
         return "forkserver"
 
 

@@ -36,6 +36,11 @@ def item_rng(seed: int, source: int, epoch: int, sample: int, sub: int, purpose:
     return rng(seed, source, epoch, sample, sub + 1, purpose)
 
 
+FULL_ORDER_MAX = 1 << 20
+"""Sources of at most this many items keep the epoch order materialised exactly as it always was (the demo's
+sets, the golden losses); larger ones use the block order (:meth:`TrainPlan.items_at`), computed per batch."""
+
+
 class Arange:
     """``np.arange(n)`` without the array: the sample ids of a table with one item per sample (8 bytes per item
     saved; 800 MB at 100M samples). Indexing returns what indexing the array would."""
@@ -48,7 +53,7 @@ class Arange:
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return np.arange(self.n, dtype=np.int64)[i] if self.n < (1 << 16) else np.arange(*i.indices(self.n))
+            return np.arange(*i.indices(self.n), dtype=np.int64)
         if isinstance(i, (int, np.integer)):
             if not -self.n <= i < self.n:
                 raise IndexError(f"index {i} out of range for {self.n} items")
@@ -93,7 +98,10 @@ class ItemTable:
 
     @classmethod
     def per_sample(cls, shardset: ShardSet) -> ItemTable:
+        """Every sample once; above :data:`FULL_ORDER_MAX` samples without arrays (:class:`Arange`, :class:`Full`)."""
         n = len(shardset)
+        if n <= FULL_ORDER_MAX:
+            return cls(shardset, np.arange(n, dtype=np.int64), np.full(n, -1, dtype=np.int32))
         return cls(shardset, Arange(n), Full(n, -1))
 
     def shard_ranges(self) -> np.ndarray:
@@ -114,10 +122,6 @@ class Task:
     items: tuple[int, ...]  # item ids, -1 = padding (evaluation tail)
     fallbacks: tuple[int, ...] = ()  # replacement items for bad samples, in order
 
-
-FULL_ORDER_MAX = 1 << 20
-"""Sources of at most this many items keep the epoch order materialised exactly as it always was (the demo's
-sets, the golden losses); larger ones use the block order (:meth:`TrainPlan.items_at`), computed per batch."""
 
 _BLOCK_CACHE_ITEMS = 1 << 22  # within-block permutations kept per process (32 MB; a rank reads one or two blocks)
 _blocks: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,18 @@ from braceexpand import braceexpand
 
 from alpro.data.config import LimitsConfig
 from alpro.errors import AlproError
-from alpro.shard_format import FORMAT_TAG, IMAGE_EXTS, INDEX_NAME, VIDEO_EXTS
+from alpro.shard_format import (
+    COLUMNS_DIR,
+    COLUMNS_META,
+    COLUMNS_TAG,
+    COLUMNS_VERSION,
+    FORMAT_TAG,
+    IMAGE_EXTS,
+    INDEX_NAME,
+    SAMPLE_COLUMNS,
+    SHARD_COLUMNS,
+    VIDEO_EXTS,
+)
 
 LOG = logging.getLogger("alpro.data")
 MEDIA_VIDEO, MEDIA_IMAGE, MEDIA_UNKNOWN = 0, 1, 2
@@ -71,18 +82,183 @@ class Shard:
         return len(self.keys)
 
 
+class ShardList(Sequence):
+    """The shards of a set as a sequence of *segments*, each a selection of the shards of one table: a
+    columnar index (:class:`ColumnIndex`, memory-mapped), or a list of :class:`Shard` (the JSON index, scanned
+    tars). ``shards[i]`` is built on access (views of the mapped columns), so a set of 100k shards costs its
+    per-shard selection (8 bytes a shard), not 100k objects."""
+
+    def __init__(self, segments: list[tuple[object, np.ndarray]]):
+        self.segments = [(table, np.asarray(sel, dtype=np.int64)) for table, sel in segments if len(sel)]
+        self._first = np.cumsum([0] + [len(sel) for _, sel in self.segments]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"shard {i} of {len(self)}")
+        k = int(np.searchsorted(self._first, i, side="right")) - 1
+        table, sel = self.segments[k]
+        return table.shard(int(sel[i - self._first[k]]))
+
+    def __iter__(self) -> Iterator[Shard]:
+        for table, sel in self.segments:
+            for s in sel:
+                yield table.shard(int(s))
+
+    def counts(self) -> np.ndarray:
+        """(n_shards,) samples per shard, from the per-shard tables only."""
+        if not self.segments:
+            return np.zeros(0, np.int64)
+        return np.concatenate([table.counts()[sel] for table, sel in self.segments]).astype(np.int64)
+
+    def media_counts(self) -> np.ndarray:
+        """(n_shards, 3) samples per media code (video, image, unknown) of each shard."""
+        if not self.segments:
+            return np.zeros((0, 3), np.int64)
+        return np.concatenate([table.media_counts()[sel] for table, sel in self.segments]).astype(np.int64)
+
+
+class ShardTable:
+    """Shards held as :class:`Shard` objects (a JSON index, scanned tars): one segment kind of a ShardList."""
+
+    def __init__(self, shards: list[Shard], options: dict | None = None):
+        self.shards, self.options = list(shards), options or {}
+        self._by_url: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def shard(self, i: int) -> Shard:
+        return self.shards[i]
+
+    def counts(self) -> np.ndarray:
+        return np.array([len(s) for s in self.shards], dtype=np.int64)
+
+    def media_counts(self) -> np.ndarray:
+        out = np.zeros((len(self.shards), 3), np.int64)
+        for i, s in enumerate(self.shards):
+            out[i] = np.bincount(s.media, minlength=3)[:3]
+        return out
+
+    def find(self, url: str) -> int | None:
+        if self._by_url is None:
+            self._by_url = {}
+            for i, s in enumerate(self.shards):
+                self._by_url.setdefault(_norm(s.url), i)
+        return self._by_url.get(_norm(url))
+
+
+class ColumnIndex:
+    """A columnar index (``index.cols/``) mapped read-only: the per-shard table and the per-sample columns are
+    ``np.load(mmap_mode="r")`` views, so a process holds only the pages it touches and DataLoader workers share
+    them. Pickled as its path and re-mapped on arrival (a forkserver or spawn worker never receives the columns)."""
+
+    def __init__(self, directory: str, base: str, allow_outside: bool = False):
+        self.directory, self.base, self.allow_outside = directory, base, allow_outside
+        self._map()
+
+    def _map(self) -> None:
+        try:
+            meta = json.loads(Path(self.directory, COLUMNS_META).read_bytes())
+            load = lambda spec: np.load(os.path.join(self.directory, spec[0]), mmap_mode="r")  # noqa: E731
+            self.shard_cols = {name: load(spec) for name, spec in SHARD_COLUMNS.items()}
+            self.cols = {name: load(spec) for name, spec in SAMPLE_COLUMNS.items()}
+        except (OSError, ValueError) as e:
+            raise AlproError(f"{self.directory}: unreadable columnar index ({e})") from None
+        self.meta, self.options = meta, meta.get("options") or {}
+        self.start = self.shard_cols["start"]
+        n, s = int(meta.get("samples", -1)), int(meta.get("shards", -1))
+        shapes_ok = (len(self.start) == s + 1 and all(len(c) == s for k, c in self.shard_cols.items() if k != "start")
+                     and all(len(c) == n for c in self.cols.values()) and (s == 0 or int(self.start[-1]) == n))
+        if meta.get("format") != COLUMNS_TAG or meta.get("version") != COLUMNS_VERSION or not shapes_ok:
+            raise AlproError(f"{self.directory}: not a columnar index of format {COLUMNS_TAG} v{COLUMNS_VERSION} "
+                             "with consistent columns (rebuild it with alpro shard --merge-index)")
+        self._check_names()
+        self._by_url: dict[str, int] | None = None
+
+    def _check_names(self) -> None:
+        """Every file / idx name must stay inside the directory (as for the JSON index): a vectorised test
+        passes plain names; only names with a separator or a dot-dot are checked one by one."""
+        for col, what in ((self.shard_cols["file"], "file"), (self.shard_cols["idx"], "idx")):
+            if not len(col):
+                continue
+            odd = ((np.char.find(col, b"/") >= 0) | (np.char.find(col, b"\\") >= 0)
+                   | (np.char.find(col, b"..") >= 0) | (np.char.find(col, b":") >= 0))
+            if what == "file":
+                odd |= col == b""
+            for name in col[odd]:
+                if what == "idx" and not name:
+                    continue
+                _inside(self.base, name.decode("utf-8", "surrogateescape"), what, self.allow_outside)
+
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory, "base": self.base, "allow_outside": self.allow_outside}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.start)
+
+    def media_counts(self) -> np.ndarray:
+        return self.shard_cols["media"]
+
+    def url(self, i: int) -> str:
+        return _inside(self.base, self.shard_cols["file"][i].decode("utf-8", "surrogateescape"), "file",
+                       self.allow_outside)
+
+    def shard(self, i: int) -> Shard:
+        a, b = int(self.start[i]), int(self.start[i + 1])
+        idx = self.shard_cols["idx"][i].decode("utf-8", "surrogateescape")
+        c = self.cols
+        return Shard(url=self.url(i), keys=c["key"][a:b], offsets=c["offset"][a:b], sizes=c["size"][a:b],
+                     media=c["media"][a:b], num_frames=c["num_frames"][a:b],
+                     index_file=_inside(self.base, idx, "idx", self.allow_outside) if idx else None)
+
+    def find(self, url: str) -> int | None:
+        if self._by_url is None:
+            self._by_url = {}
+            for i in range(len(self)):
+                self._by_url.setdefault(_norm(self.url(i)), i)
+        return self._by_url.get(_norm(url))
+
+
 @dataclass
 class ShardSet:
-    """Every shard of one source, with global sample ids 0..n-1 in shard order."""
+    """Every shard of one source, with global sample ids 0..n-1 in shard order. ``shards`` is a list or a
+    :class:`ShardList` (what :func:`resolve` returns: segments of indexes, shards built on access)."""
 
     name: str
-    shards: list[Shard]
+    shards: Sequence[Shard]
     streaming: bool = False  # pipe: sources: read front to back only
     options: dict = field(default_factory=dict)  # the sharder's options (codec, gop, ...) when indexed
     starts: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.starts = np.cumsum([0] + [len(s) for s in self.shards]).astype(np.int64)
+        counts = self.shards.counts() if isinstance(self.shards, ShardList) else [len(s) for s in self.shards]
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    def media_ids(self, codes: tuple[int, ...]) -> np.ndarray | None:
+        """Global ids of the samples whose media code is in ``codes``; None when that is every sample (read
+        from the per-shard media counts, so a set of one media never touches its per-sample column)."""
+        if isinstance(self.shards, ShardList):
+            per_shard = self.shards.media_counts()
+            if per_shard[:, list(codes)].sum() == len(self):
+                return None
+        media = np.concatenate([np.asarray(s.media) for s in self.shards]) if len(self.shards) else np.zeros(0, np.uint8)
+        keep = np.isin(media, codes)
+        return None if keep.all() else np.flatnonzero(keep).astype(np.int64)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -239,9 +415,39 @@ def _exists(path: str) -> bool:
     return os.path.isfile(path)
 
 
+def _columns_of(index_path: str, allow_outside: bool) -> ColumnIndex | None:
+    """The columnar index next to a local ``index.json.zst``, if there is one that belongs to it (its recorded
+    size of the JSON index matches the file): else None, and the JSON is parsed as before."""
+    if _is_url(index_path):
+        return None
+    directory = os.path.join(os.path.dirname(index_path) or ".", COLUMNS_DIR)
+    try:
+        meta = json.loads(Path(directory, COLUMNS_META).read_bytes())
+        size = os.path.getsize(index_path)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("index_bytes") != size:
+        LOG.warning(f"{directory} does not belong to {index_path} (another build?): reading the JSON index")
+        return None
+    return ColumnIndex(directory, _dirname(index_path), allow_outside)
+
+
+def _open_index(path: str, allow_outside: bool) -> ColumnIndex | ShardTable:
+    """The shards an index lists: mapped from its columnar index when there is one, else parsed from the JSON."""
+    cols = _columns_of(path, allow_outside)
+    if cols is not None:
+        return cols
+    data = _read_index(path)
+    base = _dirname(path)
+    return ShardTable([_shard_from_entry(e, base, allow_outside) for e in data["shards"]], data.get("options") or {})
+
+
 def resolve(spec: str | list[str], name: str, index: str | None = None, allow_outside: bool = False) -> ShardSet:
     """The shard set a spec names. ``index`` overrides where ``index.json.zst`` is looked for. An index whose
-    entries leave its directory is refused unless ``allow_outside`` (``data.allow_index_outside``)."""
+    entries leave its directory is refused unless ``allow_outside`` (``data.allow_index_outside``).
+
+    Linear in the number of shards: each index is read once (mapped when it has a columnar index); a tar named
+    by the spec is matched to an index entry through one dict per index, built only when a tar is named."""
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
         raise AlproError(f"{name}: empty shard list")
@@ -249,70 +455,134 @@ def resolve(spec: str | list[str], name: str, index: str | None = None, allow_ou
         return _resolve_pipe(specs, name, index)
     if any(s.startswith("pipe:") for s in specs):
         raise AlproError(f"{name}: cannot mix pipe: commands with seekable shards in one source")
-    urls: list[str] = []
-    listed: dict[str, tuple[Shard, dict]] = {}  # url -> (shard from an index, that index's options)
-    read_dirs: set[str] = set()
-
-    def add_index(data: dict, directory: str) -> list[str]:
-        read_dirs.add(directory)
-        found = []
-        for entry in data["shards"]:
-            shard = _shard_from_entry(entry, directory, allow_outside)
-            listed.setdefault(_norm(shard.url), (shard, data.get("options") or {}))
-            found.append(shard.url)
-        return found
-
+    named: list[ColumnIndex | ShardTable | str] = []  # in spec order: a whole index, or a tar's url
+    spec_tables: list[ColumnIndex | ShardTable] = []
+    by_dir: dict[str, ColumnIndex | ShardTable | None] = {}  # directory -> its index (None: it has none)
     for s in specs:
         if s.endswith(INDEX_NAME) or (not _is_url(s) and os.path.isdir(s)):
             path = s if s.endswith(INDEX_NAME) else os.path.join(s, INDEX_NAME)
             if not _exists(path):
-                urls.extend(_expand(os.path.join(s, "*.tar")))  # a directory of foreign shards
+                named.extend(_expand(os.path.join(s, "*.tar")))  # a directory of foreign shards
                 continue
-            urls.extend(add_index(_read_index(path), _dirname(path)))
+            directory = _dirname(path)
+            table = by_dir.get(directory) or _open_index(path, allow_outside)
+            by_dir[directory] = table
+            if table not in spec_tables:
+                spec_tables.append(table)
+            named.append(table)
         else:
             expanded = _expand(s)
             missing = [u for u in expanded if not _is_url(u) and not os.path.isfile(u)]
             if not expanded or missing:
                 raise AlproError(f"{name}: no shard matches {s!r}" + (f" ({missing[0]} does not exist)"
                                                                      if missing else ""))
-            urls.extend(expanded)
-    if not urls:
+            named.extend(expanded)
+    if not any(len(x) for x in named if not isinstance(x, str)) and not any(isinstance(x, str) for x in named):
         raise AlproError(f"{name}: no shards found in {specs}")
+    override = None
     if index is not None:
-        add_index(_read_index(index), _dirname(urls[0]))
-    shards, options = [], {}
-    for url in dict.fromkeys(urls):
-        directory = _dirname(url)
-        if _norm(url) not in listed and directory not in read_dirs:
-            candidate = f"{directory}/{INDEX_NAME}" if _is_url(url) else os.path.join(directory, INDEX_NAME)
-            if _exists(candidate):
-                add_index(_read_index(candidate), directory)
-            read_dirs.add(directory)
-        if _norm(url) in listed:
-            shard, opts = listed[_norm(url)]
-            shards.append(shard)
-            options = options or opts
-        elif _is_url(url):
-            raise AlproError(f"{name}: {url} is not listed in an {INDEX_NAME}: remote shards need the index")
+        first = next((x for x in named if isinstance(x, str)), None)
+        base = _dirname(first) if first is not None else _dirname(index)
+        cols = _columns_of(index, allow_outside)
+        if cols is not None:
+            override = ColumnIndex(cols.directory, base, allow_outside)  # entries resolve against the tars' dir
         else:
-            shards.append(scan_tar(url))
-    return ShardSet(name=name, shards=[s for s in shards if len(s)], options=options)
+            data = _read_index(index)
+            override = ShardTable([_shard_from_entry(e, base, allow_outside) for e in data["shards"]],
+                                  data.get("options") or {})
+
+    def lookup(url: str) -> tuple[ColumnIndex | ShardTable, int] | None:
+        directory = _dirname(url)
+        if directory not in by_dir:
+            candidate = f"{directory}/{INDEX_NAME}" if _is_url(url) else os.path.join(directory, INDEX_NAME)
+            by_dir[directory] = _open_index(candidate, allow_outside) if _exists(candidate) else None
+        for table in [*spec_tables, override, by_dir[directory]]:
+            i = table.find(url) if table is not None else None
+            if i is not None:
+                return table, i
+        return None
+
+    segments: list[tuple[ColumnIndex | ShardTable, list[int] | None]] = []
+    taken: dict[int, set[int]] = {}  # id(table) -> shard numbers already in the set
+    whole: set[int] = set()
+    scanned = ShardTable([])
+    scanned_urls: set[str] = set()
+    options: dict = {}
+    for item in named:
+        if isinstance(item, str):
+            found = lookup(item)
+            if found is None:
+                if _is_url(item):
+                    raise AlproError(f"{name}: {item} is not listed in an {INDEX_NAME}: remote shards need the index")
+                if _norm(item) in scanned_urls:
+                    continue
+                scanned_urls.add(_norm(item))
+                scanned.shards.append(scan_tar(item))
+                found = (scanned, len(scanned.shards) - 1)
+            table, i = found
+            if id(table) in whole or i in taken.setdefault(id(table), set()):
+                continue
+            taken[id(table)].add(i)
+            if segments and segments[-1][0] is table and segments[-1][1] is not None:
+                segments[-1][1].append(i)
+            else:
+                segments.append((table, [i]))
+        else:
+            if id(item) in whole:
+                continue
+            done = taken.get(id(item))
+            segments.append((item, [i for i in range(len(item)) if i not in done] if done else None))
+            whole.add(id(item))
+        options = options or segments[-1][0].options if segments else options
+    parts = []
+    for table, sel in segments:
+        counts = table.counts()
+        sel = np.arange(len(table), dtype=np.int64) if sel is None else np.asarray(sel, dtype=np.int64)
+        parts.append((table, sel[counts[sel] > 0]))  # empty shards are left out, as always
+    return ShardSet(name=name, shards=ShardList(parts), options=options)
+
+
+_TOKEN_SPLIT = re.compile(r"[\s'\"<>|;&=]+")
+
+
+def _named_in(cmd: str, names: dict[str, int]) -> int | None:
+    """The index entry whose file name a ``pipe:`` command names: each word of the command and each of its
+    ``/``-tails is looked up in ``names`` (O(words)); only a command that names none is scanned for a substring."""
+    for token in _TOKEN_SPLIT.split(cmd):
+        parts = token.split("/")
+        for k in range(len(parts)):
+            hit = names.get("/".join(parts[k:]))
+            if hit is not None:
+                return hit
+    return next((i for f, i in names.items() if f and f in cmd), None)
 
 
 def _resolve_pipe(specs: list[str], name: str, index: str | None) -> ShardSet:
     """pipe: commands, one per shard after brace expansion; sample counts come from an index when given."""
     commands = [c for s in specs for c in braceexpand(s)]
-    entries: dict[str, dict] = {}
-    if index is not None:
-        entries = {str(e.get("file")): e for e in _read_index(index)["shards"] if isinstance(e, dict)}
+    names: dict[str, int] = {}
+    cols = _columns_of(index, True) if index is not None else None
+    entries: list = []
+    if cols is not None:
+        for i, f in enumerate(cols.shard_cols["file"].tolist()):
+            names.setdefault(f.decode("utf-8", "surrogateescape"), i)
+    elif index is not None:
+        entries = [e for e in _read_index(index)["shards"] if isinstance(e, dict)]
+        for i, e in enumerate(entries):
+            names.setdefault(str(e.get("file")), i)
     shards = []
     for cmd in commands:
-        entry = next((e for f, e in entries.items() if f in cmd), None)
-        try:
-            n = int(entry["num_samples"]) if entry else 0
-            keys = np.array([str(k).encode() for k in entry["keys"]], dtype="S") if entry else np.array([], "S")
-        except (KeyError, TypeError, ValueError) as e:
-            raise AlproError(f"{index}: shard entry {entry.get('file')!r} is malformed ({e!r})") from None
+        i = _named_in(cmd, names) if names else None
+        if i is not None and cols is not None:
+            a, b = int(cols.start[i]), int(cols.start[i + 1])
+            n, keys = b - a, cols.cols["key"][a:b]
+        else:
+            entry = entries[i] if i is not None else None
+            try:
+                n = int(entry["num_samples"]) if entry else 0
+                keys = np.array([str(k).encode() for k in entry["keys"]], dtype="S") if entry else np.array([], "S")
+            except (KeyError, TypeError, ValueError) as e:
+                raise AlproError(f"{index}: shard entry {entry.get('file')!r} is malformed ({e!r})") from None
         shards.append(Shard(url=cmd, keys=keys, offsets=np.zeros(n, np.int64), sizes=np.zeros(n, np.int64),
                             media=np.full(n, MEDIA_UNKNOWN, np.uint8), num_frames=np.full(n, -1, np.int32)))
     return ShardSet(name=name, shards=shards, streaming=True)

@@ -145,12 +145,13 @@ def item_table(shardset: ShardSet, kind: str, task: str, train: bool, cfg: DataC
     (``missing_text``), one that cannot be read or parsed too in training (``truncated``, ``bad_metadata``,
     ...); evaluation keeps it as one item, which then becomes an invalid slot, so no clip silently vanishes
     from a metric's denominator."""
-    media = np.concatenate([s.media for s in shardset.shards]) if shardset.shards else np.zeros(0, np.uint8)
-    keep = (media == (MEDIA_VIDEO if kind == "video" else MEDIA_IMAGE)) | (media == MEDIA_UNKNOWN)
-    ids = np.flatnonzero(keep).astype(np.int64)
+    ids = shardset.media_ids((MEDIA_VIDEO if kind == "video" else MEDIA_IMAGE, MEDIA_UNKNOWN))  # None: all
     per_caption = task == "retrieval" and train and cfg.retrieval_items == "per_caption" and not cfg.paragraph
     if not (task == "qa" or per_caption):
+        if ids is None:  # from the per-shard media counts: no per-sample column read, no array above 1M samples
+            return ItemTable.per_sample(shardset), Counter()
         return ItemTable(shardset, ids, np.full(len(ids), -1, np.int32)), Counter()
+    ids = np.arange(len(shardset), dtype=np.int64) if ids is None else ids
     left_out: Counter = Counter()
     counts = np.empty(len(ids), dtype=np.int64)
     for i, f in enumerate(iter_heads(shardset, lambda m: count_subitems(task, m), ids, cfg=cfg)):
