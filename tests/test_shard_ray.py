@@ -112,3 +112,12 @@ def test_a_restarted_ray_build_skips_complete_shards(cluster, corpus, local_buil
     got = _files(out)
     assert sorted(got) == sorted(local_build)
     assert [n for n in got if got[n] != local_build[n]] == []
+
+
+def test_the_command_line_takes_the_distributor_and_records_nothing_of_it():
+    from alpro.config import parse_command
+    from alpro.sharding.shard import ShardCommand
+
+    cmd = parse_command(ShardCommand, ["m.jsonl", "out", "--distributor", "ray", "--ray-address", "auto"], prog="x")
+    assert (cmd.options.distributor, cmd.options.ray_address) == ("ray", "auto")
+    assert "distributor" not in cmd.options.output_options() and "ray_address" not in cmd.options.output_options()
