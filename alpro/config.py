@@ -314,9 +314,9 @@ def _gather_flat(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
     for f, tp in _flat_fields(cls):
         names = _flat_names(tp)
         picked = {k: data.pop(k) for k in list(data) if k not in own and k in names}
-        given = data.get(f.name)
-        if not picked and given is None:
+        if not picked and f.name not in data:
             continue
+        given = data.get(f.name)  # None (``video: null`` in YAML) is the default instance too
         default = _default(f)
         base = to_dict(default) if default is not dataclasses.MISSING else {}
         if dataclasses.is_dataclass(given) and not isinstance(given, type):
@@ -362,9 +362,11 @@ def _field_source(cls: type) -> dict[str, tuple[str | None, str | None]]:
         for i, node in enumerate(body):
             if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
                 continue
-            above = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
-            if above.startswith("#"):
-                group = above.lstrip("#").strip()
+            start = node.lineno - 1  # 0-based line of the field; a block of comment lines right above opens a
+            while start > 0 and lines[start - 1].strip().startswith("#"):  # section titled by its first line
+                start -= 1
+            if start < node.lineno - 1:
+                group = lines[start].strip().lstrip("#").strip()
             after = body[i + 1] if i + 1 < len(body) else None
             doc = None
             if (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
