@@ -20,7 +20,6 @@ word if all do. "a man in a red shirt is riding a horse" -> man, shirt, horse.
 from __future__ import annotations
 
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -192,7 +191,7 @@ class EntitiesOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_command(EntitiesOptions, list(sys.argv[1:] if argv is None else argv), prog="alpro entities",
+    args = parse_command(EntitiesOptions, argv, prog="alpro entities",
                          description=__doc__.split("\n\n")[0])
     if args.top < 1:
         raise AlproError("--top must be >= 1")

@@ -27,7 +27,6 @@ import math
 import multiprocessing
 import os
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -724,7 +723,7 @@ class SynthOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_command(SynthOptions, list(sys.argv[1:] if argv is None else argv), prog="alpro synth",
+    args = parse_command(SynthOptions, argv, prog="alpro synth",
                          description="Generate the embedded 'shapes world' corpus: captioned H.264 clips, JPEG "
                                      "images, QA pairs.")
     info = generate(args.out_dir, num_clips=args.num_clips, num_images=args.num_images, seed=args.seed, fps=args.fps,
