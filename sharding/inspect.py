@@ -1,8 +1,11 @@
 """``alpro inspect``: what is in a shard set (counts, durations, resolutions, fps, codecs, sizes, rejects).
 
 Accepts a shard directory, a glob (``out/shard-*.tar``), a brace pattern (``out/shard-{000000..000009}.tar``) or
-one tar. Reads only tar headers and the small ``KEY.json`` members (media bytes are seeked over), plus the
-``_stats.json`` / ``rejects.jsonl`` files next to the shards when they exist. Shards made by other tools (no
+one tar. Shards listed in an ``index.json.zst`` next to them are read through the index: each shard's DALI
+``.idx`` gives every member's name, offset and size, and each ``KEY.json`` is one positioned read; no tar header
+is walked (a tar whose size is not the one the index records is walked instead, so a cut is still reported).
+Other shards: only tar headers and the small ``KEY.json`` members are read (media bytes are seeked over). Both
+give the same report. Plus the ``_stats.json`` / ``rejects.jsonl`` files next to the shards when they exist. Shards made by other tools (no
 ``KEY.json``, or one without our fields) are counted too. ``--extract KEY`` writes one sample's members out.
 
 Shards from anyone are summarised, never a crash: a ``KEY.json`` that fails the loader's checks
@@ -28,7 +31,7 @@ from alpro.data.config import LimitsConfig
 from alpro.data.meta import meta_problem
 from alpro.data.shards import SampleError, _iter_members, open_local_tar
 from alpro.errors import AlproError
-from alpro.shard_format import REJECTS_NAME, stats_name
+from alpro.shard_format import INDEX_NAME, REJECTS_NAME, stats_name
 
 __all__ = ["resolve_shards", "inspect_shards", "extract_sample", "format_report", "main"]
 
@@ -103,6 +106,68 @@ def _scan(tar_path: Path, limits: LimitsConfig | None = None) -> tuple[list[dict
     return list(samples.values()), size, cut
 
 
+def _index_entries(tars: list[Path]) -> dict[Path, dict[str, Any]]:
+    """The ``index.json.zst`` entry of each tar that an index next to it lists (its shards are complete when
+    written: the index is written last), by tar path; empty for foreign shards. An index that cannot be read
+    is ignored here (the walk reports what the tars hold)."""
+    from alpro.sharding.index import read_json_zst
+
+    entries: dict[Path, dict[str, Any]] = {}
+    for directory in dict.fromkeys(t.parent for t in tars):
+        path = directory / INDEX_NAME
+        if not path.is_file():
+            continue
+        try:
+            index = read_json_zst(path)
+            listed = {e["file"]: e for e in index["shards"] if isinstance(e, dict) and isinstance(e.get("file"), str)}
+        except (AlproError, KeyError, TypeError):
+            continue
+        for t in tars:
+            if t.parent == directory and t.name in listed:
+                entries[t] = listed[t.name]
+    return entries
+
+
+def _scan_indexed(tar_path: Path, entry: dict[str, Any], limits: LimitsConfig | None = None
+                  ) -> tuple[list[dict[str, Any]], int, dict | None] | None:
+    """:func:`_scan` from the index instead of a walk: the members of each sample from the shard's DALI index
+    (``.idx``: extension, offset, size and name of every member), and each ``KEY.json`` by one positioned read at
+    its offset; no tar header is read. ``None`` when the tar is not the one the index describes (another size,
+    no ``.idx``, a different sample count): then the caller walks it."""
+    limits = limits or LimitsConfig()
+    idx_path = tar_path.with_name(str(entry.get("idx") or ""))
+    try:
+        size = tar_path.stat().st_size
+        if size != entry.get("bytes") or not entry.get("idx"):
+            return None
+        lines = idx_path.read_text(encoding="utf-8").splitlines()
+        header = lines[0].split()
+        if len(header) != 2 or int(header[1]) != len(lines) - 1 or len(lines) - 1 != entry.get("num_samples"):
+            return None
+        members = []
+        for line in lines[1:]:
+            fields = line.split(" ")
+            if len(fields) % 4:
+                return None
+            members.append([(fields[i + 3], int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        return None
+    samples: dict[str, dict[str, Any]] = {}
+    with open_local_tar(tar_path) as (get, _):
+        for sample in members:
+            for name, data, length in sample:
+                if data + length > size:
+                    return None
+                key, ext = _split_key(name)
+                s = samples.setdefault(key, {"key": key, "exts": [], "bytes": 0, "meta": None, "problem": None})
+                s["exts"].append(ext)
+                s["bytes"] += length
+                if ext == "json" and s["problem"] is None:
+                    s["meta"], s["problem"] = _read_json(get(data, data + length) if length <= limits.other_bytes
+                                                         else None, length, limits)
+    return list(samples.values()), size, None
+
+
 def _read_json(raw: bytes | None, length: int, limits: LimitsConfig) -> tuple[Any, str | None]:
     """(parsed KEY.json or None, what is wrong with it or None)."""
     if raw is None:
@@ -158,8 +223,10 @@ def inspect_shards(target: str | Path) -> dict[str, Any]:
     exts: Counter[str] = Counter()
     frames, total_duration, n_samples, no_meta, captions = 0, 0.0, 0, 0, 0
     shard_sizes, sample_sizes, bad, cuts = [], [], [], []
+    indexed = _index_entries(tars)
     for tar in tars:
-        samples, size, cut = _scan(tar)
+        found = _scan_indexed(tar, indexed[tar]) if tar in indexed else None
+        samples, size, cut = found if found is not None else _scan(tar)
         shard_sizes.append(size)
         if cut is not None:
             cuts.append(cut)
