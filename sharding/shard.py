@@ -733,6 +733,33 @@ def _publish(local: Path, url: str) -> None:
         upload(path, url_join(url, *path.relative_to(local).parts))
 
 
+def merge_index_at(out_dir: str | Path) -> dict[str, Any]:
+    """``alpro shard --merge-index OUT_DIR`` for a directory or a URL: the parts of a URL are fetched into a local
+    staging directory, merged there (:func:`alpro.sharding.index.merge_index`) and the dataset files uploaded,
+    the index last."""
+    if not is_url(str(out_dir)):
+        return merge_index(out_dir)
+    url = str(out_dir).rstrip("/")
+    fs, path = url_fs(url)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{path}/index.part-*-of-*.json.zst"))
+    if not names:
+        raise AlproError(f"{url}: no partial indexes (index.part-*.json.zst); run `alpro shard` on every node first")
+    staging = Path(tempfile.mkdtemp(prefix="alpro-merge-staging-"))
+    try:
+        for name in names:
+            _fetch(url, name, staging)
+        try:
+            index = merge_index(staging)
+        except AlproError as e:
+            raise AlproError(str(e).replace(str(staging), url)) from None
+        for name in names:
+            (staging / name).unlink()
+        _publish(staging, url)
+        return index
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _remove_stale_remote(url: str, prefix: str, keep: int) -> None:
     """:func:`_remove_stale` on object storage (no temporaries there: nothing partial is ever uploaded)."""
     fs, _ = url_fs(url)
@@ -894,10 +921,10 @@ def _main(argv: list[str]) -> int:
     if args.merge_index:
         if args.manifest or args.out_dir:
             raise AlproError("--merge-index OUT_DIR takes no MANIFEST/OUT_DIR arguments")
-        index = merge_index(args.merge_index)
+        index = merge_index_at(args.merge_index)
         t = index["totals"]
-        print(f"merged {t['shards']} shards, {t['samples']} samples, {t['rejected']} rejects "
-              f"-> {Path(args.merge_index) / INDEX_NAME}")
+        target = url_join(args.merge_index, INDEX_NAME) if is_url(args.merge_index) else Path(args.merge_index) / INDEX_NAME
+        print(f"merged {t['shards']} shards, {t['samples']} samples, {t['rejected']} rejects -> {target}")
         if t["cross_node_duplicates"]:
             print(f"  warning: {t['cross_node_duplicates']} sample(s) duplicate the bytes of a sample on another node")
         return 0

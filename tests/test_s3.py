@@ -126,3 +126,26 @@ def test_training_from_s3_killed_and_resumed_gives_the_uninterrupted_losses(s3_s
     train("prompter", run, shards, *extra, "--train.resume", "auto", env=env)
     assert "resuming from" in (run / "train.log").read_text()
     assert len(losses(ref)) == 4 and losses(run) == losses(ref)  # bit-identical
+
+
+def test_two_nodes_on_s3_then_merge_index(s3, tiny_corpus):
+    from alpro.sharding.index import read_json_zst
+    from alpro.sharding.shard import merge_index_at
+
+    url = "s3://alpro/nodes/train_image"
+    args = dict(split="train", media="image", media_root="s3://alpro/corpus", shard_size=8, num_nodes=2, **OPTS)
+    parts = [shard_manifest(tiny_corpus / "manifest.jsonl", url, node_rank=r, **args) for r in (0, 1)]
+    assert all(p.index_path is None and str(p.part_path).startswith(url) for p in parts)
+    index = merge_index_at(url)
+    assert index["totals"]["samples"] == sum(p.written for p in parts) > 0
+    objects = _objects(url)
+    assert "index.json.zst" in objects and "sizes.json" in objects
+    fs = _fs()
+    with fs.open("alpro/nodes/train_image/index.json.zst", "rb") as f:
+        data = f.read()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "index.json.zst").write_bytes(data)
+        merged = read_json_zst(Path(tmp) / "index.json.zst")
+    assert [s["file"] for s in merged["shards"]][0].startswith("shard-n000-")
