@@ -11,6 +11,8 @@ Layout of a run directory's ``checkpoints/``::
     latest                             # text file: the newest complete tag (for people and tools; resume
                                        # takes the highest intact step-* directory)
     .tmp-step-00000400/                # a save in progress (or killed mid-save): ignored and cleaned up
+    universal/step-00000200/           # DeepSpeed's universal checkpoint of step-00000200 (made on an elastic
+                                       # resume: another world size or ZeRO stage), source.json + manifest.json
 
 A save writes everything under ``.tmp-<tag>``, then rank 0 writes ``manifest.json`` (atomically, last), renames
 the directory to ``<tag>`` (atomic on one file system) and rewrites ``latest`` through a temp file +
@@ -21,6 +23,12 @@ Trust: a checkpoint may come from someone else, and unpickling runs code. Every 
 by torch's weights-only unpickler with an explicit allowlist of the few DeepSpeed classes it stores
 (:data:`DEEPSPEED_GLOBALS`), ours and DeepSpeed's loads alike (:func:`restricted_unpickling`), and checked
 before DeepSpeed opens it (:func:`check_pickles`). A file that wants any other class is refused, naming both.
+
+Elastic resume: ZeRO-1/2/3 partition the optimizer state by world size, so a checkpoint resumes on another world
+size (or ZeRO stage) through DeepSpeed's universal checkpoint: :func:`convert_to_universal` runs
+``deepspeed.checkpoint.ds_to_universal`` on rank 0, in-process and under :func:`restricted_unpickling` (its
+``torch.load(weights_only=False)`` calls included), into ``universal/.tmp-<tag>``, then renames it; the engine loads
+it with ``checkpoint.load_universal`` (:func:`load_engine_checkpoint`).
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ from alpro.fileio import atomic_write
 
 TAG_RE = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: the universal conversion of checkpoints/<tag>
+UNIVERSAL_SOURCE = "source.json"  # in a conversion: the tag and manifest sha256 of the checkpoint it was made from
 
 # The non-tensor classes DeepSpeed 0.19 pickles into its checkpoints (ZeRO 0-3, fp32 / bf16 / fp16; found with
 # torch.serialization.get_unsafe_globals_in_checkpoint on each). All are plain data: an enum, a dataclass and two
@@ -304,7 +314,8 @@ class CheckpointManager:
 
     def clean_stale(self) -> list[Path]:
         """Remove ``.tmp-step-*`` left by a save that was killed or ran out of space (rank 0, at start)."""
-        stale = sorted(self.dir.glob(".tmp-step-*")) if self.dir.is_dir() else []
+        stale = sorted([*self.dir.glob(".tmp-step-*"), *self.dir.glob(f"{UNIVERSAL}/.tmp-step-*")]) \
+            if self.dir.is_dir() else []
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         return stale
@@ -366,6 +377,10 @@ class CheckpointManager:
         if self.keep_last > 0:
             for old in complete[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
+        kept = {p.name for p in list_checkpoints(self.dir)}
+        for converted in list_checkpoints(self.dir / UNIVERSAL):  # a conversion goes with its checkpoint
+            if converted.name not in kept:
+                shutil.rmtree(converted, ignore_errors=True)
 
 
 def _state_bytes(engine) -> int:
@@ -387,17 +402,159 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
-def load_engine_checkpoint(engine, ckpt: Path) -> None:
+def load_engine_checkpoint(engine, ckpt: Path, universal: Path | None = None) -> None:
     """DeepSpeed's ``load_checkpoint`` under :func:`restricted_unpickling`, after :func:`check_pickles`; a refused
-    class is one line naming the file."""
-    check_pickles(ckpt)
+    class is one line naming the file.
+
+    With ``universal`` (the conversion of ``ckpt``, :func:`convert_to_universal`; the engine built with
+    ``checkpoint.load_universal``) the engine loads that instead: the trained parameters' fp32 master copies and
+    Adam moments re-partitioned for this world size, the lr schedule and step counters. DeepSpeed's universal load
+    restores only what the optimizer holds, so the rest of the module's state (frozen parameters such as the
+    pre-training prompter, and buffers) is then loaded from ``ckpt``'s model-states file."""
+    source = universal or ckpt
+    check_pickles(source)
     with restricted_unpickling():
         try:
-            load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            load_path, _ = engine.load_checkpoint(str(source.parent), tag=source.name)
         except pickle.UnpicklingError as e:
-            raise unsafe_error(ckpt, _refused_global(str(e)) or _first_line(e)) from None
+            raise unsafe_error(source, _refused_global(str(e)) or _first_line(e)) from None
+        if load_path is not None and universal is not None:
+            _load_untrained_state(engine, ckpt)
+            _repair_zero3_universal_load(engine, universal)
     if load_path is None:
-        raise AlproError(f"DeepSpeed could not load checkpoint {ckpt}")
+        raise AlproError(f"DeepSpeed could not load checkpoint {source}")
+
+
+def _load_untrained_state(engine, ckpt: Path) -> None:
+    """Frozen parameters and buffers from the model-states file of ``ckpt`` (full tensors at ZeRO 0-2; at ZeRO-3
+    the buffers, which it does not partition)."""
+    files = sorted(ckpt.glob("*model_states.pt"))
+    if not files:
+        raise DamagedCheckpoint(f"{ckpt}: no model states file")
+    module = torch.load(str(files[0]), map_location="cpu").get("module") or {}
+    trained = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+    partitioned = {name for name, p in engine.module.named_parameters() if hasattr(p, "ds_id")}  # ZeRO-3
+    rest = {k: v for k, v in module.items() if k not in trained and k not in partitioned}
+    if rest:
+        engine.module.load_state_dict(rest, strict=False)
+
+
+def _repair_zero3_universal_load(engine, universal: Path) -> None:
+    """Two faults of DeepSpeed 0.19.8's ZeRO-3 universal load (``stage3.py``,
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), repaired here; ZeRO-1/2 have neither:
+
+    - it gives every param group the hyperparameters of group 0, so ALPRO's no-decay group (biases, norms,
+      temperature) would continue with weight decay: each group gets its own back;
+    - it stores one ``step`` tensor object in the state of every sub-group, and AdamW increments it in place once
+      per sub-group, so Adam's bias correction would run ahead by the number of sub-groups per step: each state
+      gets its own copy."""
+    inner = getattr(engine.optimizer, "optimizer", None)
+    if getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) is None or inner is None:
+        return  # not ZeRO-3
+    saved = torch.load(str(universal / "zero" / "optimizer_state.pt"), map_location="cpu")["param_groups"]
+    if len(saved) != len(inner.param_groups):
+        raise AlproError(f"{universal}: {len(saved)} optimizer param groups, the model has {len(inner.param_groups)}")
+    for group, hyper in zip(inner.param_groups, saved):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    seen: set[int] = set()
+    for state in inner.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
+
+
+# ------------------------------------------------------------------------------------------- elastic resume
+
+
+def saved_topology(ckpt: Path) -> tuple[int, int]:
+    """(world size, ZeRO stage) a checkpoint was saved with: its trainer state, else its config.yaml."""
+    state = load_trainer_state(ckpt)
+    world, stage = state.get("world_size"), state.get("zero_stage")
+    if stage is None:  # saved before the trainer recorded it
+        import yaml
+
+        try:
+            cfg = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
+            stage = int((cfg.get("train") or {}).get("zero_stage", 2))
+        except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+            stage = 2  # the default stage
+    if world is None:
+        world = len(list(ckpt.glob("rank_*.json"))) or 1
+    return int(world), int(stage)
+
+
+def elastic_plan(ckpt: Path, world: int, zero_stage: int, mode: str) -> str | None:
+    """How ``ckpt`` resumes on ``world`` processes at ``zero_stage`` under ``train.elastic`` ``mode``: None (as
+    saved: same world size and stage, or ZeRO-0, whose optimizer state is not partitioned) or a reason to convert
+    to a universal checkpoint. A change DeepSpeed cannot make is one :class:`AlproError` line."""
+    saved_world, saved_stage = saved_topology(ckpt)
+    changed = [f"{what} {a} -> {b}" for what, a, b in (("world size", saved_world, world),
+                                                       ("ZeRO stage", saved_stage, zero_stage)) if a != b]
+    if (0 in (saved_stage, zero_stage)) and saved_stage != zero_stage:
+        raise AlproError(f"checkpoint {ckpt} was saved at ZeRO-{saved_stage}: resume it with --train.zero_stage "
+                         f"{saved_stage} (a universal checkpoint converts between ZeRO stages 1-3 only)")
+    if saved_stage == 0:  # one optimizer state, in the model-states file: loads on any world size
+        return None
+    if mode == "universal":
+        return "train.elastic is universal" + (f" ({', '.join(changed)})" if changed else "")
+    if not changed:
+        return None
+    if mode == "never":
+        raise AlproError(f"checkpoint {ckpt} was saved with {saved_world} processes at ZeRO-{saved_stage}, this run "
+                         f"has {world} at ZeRO-{zero_stage} and train.elastic is never (set auto to resume through "
+                         "a universal checkpoint)")
+    return ", ".join(changed)
+
+
+def universal_path(ckpt: Path) -> Path:
+    return ckpt.parent / UNIVERSAL / ckpt.name
+
+
+def _source_record(ckpt: Path) -> dict[str, Any]:
+    manifest = ckpt / MANIFEST
+    return {"tag": ckpt.name, "manifest_sha256": _sha256(manifest) if manifest.is_file() else None}
+
+
+def convert_to_universal(ckpt: Path) -> tuple[Path, bool]:
+    """Rank 0 only (the caller holds the other ranks at a barrier): the universal checkpoint of ``ckpt`` (already
+    verified), made by ``deepspeed.checkpoint.ds_to_universal`` unless an intact conversion of this very
+    checkpoint exists (same manifest sha256). Returns (path, whether it was converted now).
+
+    The conversion runs in this process (one extract / merge worker: no process pool, so every ``torch.load`` it
+    makes stays under :func:`restricted_unpickling`), writes ``universal/.tmp-<tag>``, adds ``source.json`` and a
+    manifest, and renames it: a kill midway leaves no half conversion under the final name."""
+    out = universal_path(ckpt)
+    source = _source_record(ckpt)
+    if out.is_dir():
+        try:
+            verify_checkpoint(out)
+            if json.loads((out / UNIVERSAL_SOURCE).read_text()) == source:
+                return out, False
+        except (AlproError, OSError, ValueError):
+            pass
+        shutil.rmtree(out, ignore_errors=True)  # stale (another checkpoint under the same tag) or damaged
+    tmp = out.parent / f".tmp-{ckpt.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with restricted_unpickling():
+            from alpro.train.runtime import ds_to_universal
+
+            ds_to_universal(ckpt, tmp)
+    except pickle.UnpicklingError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise unsafe_error(ckpt, _refused_global(str(e)) or _first_line(e)) from None
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AlproError(f"converting {ckpt} to a universal checkpoint failed: {_first_line(e)}") from None
+    finally:
+        (tmp.parent / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the temp name
+    _write_json(tmp / UNIVERSAL_SOURCE, source)
+    write_manifest(tmp)
+    os.replace(tmp, out)
+    return out, True
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -128,6 +128,7 @@ TRAINER_OWNED = {
     ("zero_optimization", "stage"): "train.zero_stage",
     ("bf16", "enabled"): "train.precision",
     ("fp16", "enabled"): "train.precision",
+    ("checkpoint", "load_universal"): "train.elastic (set by the trainer when it resumes a universal checkpoint)",
 }
 
 
@@ -140,11 +141,14 @@ def generate_ds_config(
     grad_clip: float,
     precision: str,
     zero_stage: int,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON from typed fields alone (``train.deepspeed`` and the fields the trainer owns).
 
     Each ZeRO key goes in only for the stages that read it, as the former ``launch/ds_configs/zero{0..3}.json``
-    did. Note DeepSpeed 0.19 defaults ``gradient_clipping`` to 1.0: it is always set (0 = off)."""
+    did. Note DeepSpeed 0.19 defaults ``gradient_clipping`` to 1.0: it is always set (0 = off).
+    ``load_universal``: the run resumes a universal checkpoint (another world size or ZeRO stage: the trainer
+    decides, ``alpro.train.checkpoint.elastic_plan``)."""
     s = settings
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage >= 1:
@@ -172,6 +176,7 @@ def generate_ds_config(
                  "hysteresis": s.hysteresis, "min_loss_scale": s.min_loss_scale},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": s.wall_clock_breakdown,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -204,6 +209,7 @@ def build_ds_config(
     precision: str,
     zero_stage: int,
     settings: DeepSpeedConfig | None = None,
+    load_universal: bool = False,
 ) -> dict[str, Any]:
     """DeepSpeed config: :func:`generate_ds_config`, with the user's JSON ``template`` (``train.ds_config``, optional)
     merged on top key by key. The user's keys win, except those in :data:`TRAINER_OWNED`, which must agree with
@@ -212,7 +218,8 @@ def build_ds_config(
     from alpro.train.config import DeepSpeedConfig
 
     ds = generate_ds_config(settings or DeepSpeedConfig(), micro_batch=micro_batch, grad_accum=grad_accum,
-                            world_size=world_size, grad_clip=grad_clip, precision=precision, zero_stage=zero_stage)
+                            world_size=world_size, grad_clip=grad_clip, precision=precision, zero_stage=zero_stage,
+                            load_universal=load_universal)
     if template is None:
         return ds
     user = read_user_ds_config(Path(template))
@@ -249,6 +256,25 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sched
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, optimizer, scheduler, scalars
+
+
+def ds_to_universal(checkpoint: Path, out: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` conversion of one ZeRO checkpoint directory into ``out``, in this process (one
+    extract and one merge worker: no process pool, so a caller's ``torch.load`` restrictions hold for every file it
+    reads; ``alpro.train.checkpoint.convert_to_universal`` is the caller), its progress output swallowed. Our
+    checkpoints carry no ``universal_checkpoint_info`` (a model without tensor or pipeline parallelism needs none):
+    ``inject_missing_state`` adds the default."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal as convert
+
+    args = argparse.Namespace(input_folder=str(checkpoint), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        convert.main(args)
 
 
 def warmup_linear_schedule(optimizer: torch.optim.Optimizer, lr: float, total_steps: int, warmup_steps: int):

@@ -25,11 +25,14 @@ from alpro.kernels.triton_support import set_tf32
 from alpro.train import runtime
 from alpro.train.checkpoint import (
     CheckpointManager,
+    convert_to_universal,
+    elastic_plan,
     load_engine_checkpoint,
     load_rank_state,
     load_trainer_state,
     resolve_resume,
     rng_state,
+    saved_topology,
     set_rng_state,
 )
 from alpro.train.config import RunConfig, dump_config
@@ -79,13 +82,15 @@ class Trainer:
         self.rank, self.world, self.local_rank = runtime.init_distributed()
         self.device = runtime.device_for(self.local_rank)
         self.run_dir = Path(cfg.train.run_dir)
-        resume_warnings = self._resolve_resume()
+        resume_warnings, resume_notes = self._resolve_resume()
         self._prepare_run_dir()
         setup_logging(self.run_dir, self.rank, cfg.train.log_all_ranks)
         self.sha = runtime.git_sha()
         LOG.info(f"stage {cfg.stage} | world {self.world} | device {self.device} | git {self.sha} | run {self.run_dir}")
         for warning in resume_warnings:
             LOG.warning(warning)
+        for note in resume_notes:
+            LOG.info(note)
 
         from alpro.train import assets
 
@@ -117,6 +122,7 @@ class Trainer:
             precision=cfg.train.precision,
             zero_stage=cfg.train.zero_stage,
             settings=cfg.train.deepspeed,
+            load_universal=self.universal is not None,
         )
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.model.parameters())  # before ZeRO-3 partitions them
@@ -141,25 +147,42 @@ class Trainer:
         else:
             runtime.seed_everything(cfg.seed + 1000 * self.rank)  # distinct dropout / VTM draws per rank
 
-    def _resolve_resume(self) -> list[str]:
+    def _resolve_resume(self) -> tuple[list[str], list[str]]:
         """Rank 0 picks and verifies the checkpoint to resume (manifest hashes, pickle allowlist: checkpoint.py)
         and every rank gets its answer, so files are hashed once and every rank fails with the same line.
-        Returns the warnings (damaged checkpoints skipped), logged once logging is set up."""
-        answer: tuple[str | None, list[str], str | None] = (None, [], None)
+
+        Elastic resume: a ZeRO-1/2/3 checkpoint saved with another world size or ZeRO stage (``train.elastic``
+        auto; always with ``universal``) is converted here, by rank 0 while the others wait in the broadcast, to
+        DeepSpeed's universal checkpoint (``checkpoints/universal/step-N``, reused by a later resume); the engine
+        is then built to load that (``self.universal``). Returns the warnings (damaged checkpoints skipped) and
+        notes (the conversion), logged once logging is set up."""
+        answer: tuple[str | None, str | None, list[str], list[str], str | None] = (None, None, [], [], None)
         if self.rank == 0:
             warnings: list[str] = []
+            notes: list[str] = []
             try:
                 found = resolve_resume(self.cfg.train.resume, self.run_dir, warnings)
-                answer = (None if found is None else str(found), warnings, None)
+                universal = None
+                if found is not None:
+                    reason = elastic_plan(found, self.world, self.cfg.train.zero_stage, self.cfg.train.elastic)
+                    if reason is not None:
+                        t0 = time.perf_counter()
+                        universal, made = convert_to_universal(found)
+                        notes.append(f"elastic resume ({reason}): {'converted' if made else 'reusing'} {found.name} "
+                                     f"as universal checkpoint {universal}"
+                                     + (f" in {time.perf_counter() - t0:.1f}s" if made else ""))
+                answer = (None if found is None else str(found), None if universal is None else str(universal),
+                          warnings, notes, None)
             except AlproError as e:
-                answer = (None, warnings, str(e))
+                answer = (None, None, warnings, [], str(e))
             except OSError as e:  # an unreadable file: still one line, and no rank left waiting
-                answer = (None, warnings, f"--train.resume {self.cfg.train.resume}: {e}")
-        found, warnings, error = broadcast_object(answer)
+                answer = (None, None, warnings, [], f"--train.resume {self.cfg.train.resume}: {e}")
+        found, universal, warnings, notes, error = broadcast_object(answer)
         if error is not None:
             raise AlproError(error)
         self.resume_from = None if found is None else Path(found)
-        return warnings
+        self.universal = None if universal is None else Path(universal)
+        return warnings, notes
 
     def _prepare_run_dir(self) -> None:
         """Refuse to overwrite an existing run unless resuming; write config.yaml and the git sha. Before any
@@ -184,18 +207,43 @@ class Trainer:
 
     def _resume(self, ckpt: Path) -> None:
         LOG.info(f"resuming from {ckpt}")
-        load_engine_checkpoint(self.engine, ckpt)
+        load_engine_checkpoint(self.engine, ckpt, universal=self.universal)
         # The optimizer's lr is the schedule's (restored with it), whatever DeepSpeed restored in param_groups.
         if self.scheduler is not None:
             for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
                 group["lr"] = lr
         state = load_trainer_state(ckpt)
-        rank_state = load_rank_state(ckpt, self.rank)
         self.step = state["step"]
         self.samples_seen = state["samples_seen"]
         self.skipped = state.get("skipped", 0)
-        self.loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
+        saved_world, _ = saved_topology(ckpt)
+        if saved_world == self.world:  # every rank continues its own loader position and RNG streams
+            rank_state = load_rank_state(ckpt, self.rank)
+            self.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+            return
+        self._resume_elastic(ckpt, state, saved_world)
+
+    def _resume_elastic(self, ckpt: Path, state: dict[str, Any], saved_world: int) -> None:
+        """Another world size: the loader continues from the saved *global* position (every rank saved the same
+        one; rank 0's is read), and so continues the epoch with no sample lost or repeated if the loader's state
+        allows it. The RNG streams (dropout, VTM negatives, MLM masks) are per rank and cannot be re-split: a rank
+        that existed continues its own, a new one is seeded from (seed, rank, step)."""
+        cfg = self.cfg
+        global_batch = cfg.data.batch_size * cfg.train.grad_accum * self.world
+        saved_batch = state.get("global_batch")
+        LOG.info(f"elastic resume: world {saved_world} -> {self.world}, global batch {saved_batch or '?'} -> "
+                 f"{global_batch} (data.batch_size {cfg.data.batch_size} x train.grad_accum {cfg.train.grad_accum} "
+                 f"x {self.world})")
+        if saved_batch is not None and saved_batch != global_batch:
+            LOG.warning(f"the global batch changes from {saved_batch} to {global_batch} samples per step: the "
+                        f"loss curve and lr schedule continue for another batch (keep data.batch_size x "
+                        f"train.grad_accum x world size at {saved_batch} to continue the same run)")
+        self.loader.load_state_dict(load_rank_state(ckpt, 0)["loader"])
+        if (ckpt / f"rank_{self.rank:05d}.json").is_file():
+            set_rng_state(load_rank_state(ckpt, self.rank)["rng"])
+        else:
+            runtime.seed_everything(cfg.seed + 1000 * self.rank + 7919 * self.step)
 
     # ----------------------------------------------------------------------------------------------- loop
 
@@ -343,6 +391,8 @@ class Trainer:
             "skipped": self.skipped,
             "total_steps": self.total_steps,
             "world_size": self.world,
+            "zero_stage": self.cfg.train.zero_stage,
+            "global_batch": self.cfg.data.batch_size * self.cfg.train.grad_accum * self.world,
             "git_sha": self.sha,
             "time": time.time(),
             "stage": self.cfg.stage,
