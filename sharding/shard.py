@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import math
 import multiprocessing as mp
 import shutil
@@ -30,7 +31,7 @@ import tempfile
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from tqdm import tqdm
 from alpro.config import ConfigError, from_dict, option, parse_command, to_dict
 from alpro.errors import AlproError
 from alpro.fileio import atomic_write, is_url, upload, url_fs, url_join
-from alpro.shard_format import BUILD_NAME, DALI_IDX_SUFFIX, REJECTS_NAME, STATS_SUFFIX, encode_vinfo
+from alpro.shard_format import BUILD_NAME, DALI_IDX_SUFFIX, REJECTS_NAME, STATS_SUFFIX, encode_vinfo, stats_name
 from alpro.sharding.index import INDEX_NAME, merge_index, write_build, write_part
 from alpro.sharding.manifest import (
     FORMATS,
@@ -470,34 +471,106 @@ def _results(items: Iterator[_Item], pool: ProcessPoolExecutor | None, window: i
 # ------------------------------------------------------------------------------------------------ ordered writer
 
 
+_LIGHT = ("num_samples", "bytes", "counts", "duration", "rejects_by_reason")
+
+
+def _light(stats: dict[str, Any]) -> dict[str, Any]:
+    """What the summary needs of a finished shard's stats (the per-sample lists stay in its ``_stats.json``)."""
+    return {k: stats[k] for k in _LIGHT if k in stats}
+
+
+class _Seen:
+    """Content dedup of a partition: sha256 -> key of the first sample with those bytes, in ~16 bytes a sample.
+
+    Recent samples sit in a dict; every ``freeze_at`` of them (at a shard's end, when their stats are on disk)
+    they become a sorted run of 8-byte hash prefixes with the (shard, position) of each, and runs are merged like
+    a binary counter (at most log2(N / freeze_at) of them). A prefix match is confirmed, and its key read, from
+    the shard's ``_stats.json`` (a match is a duplicate or a 1-in-2^64 collision: rare either way)."""
+
+    def __init__(self, stats_of: Any, freeze_at: int = 1 << 16):
+        self.stats_of, self.freeze_at = stats_of, freeze_at
+        self.recent: dict[str, tuple[str, int]] = {}  # sha -> (key, seq << 32 | position)
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._cache: tuple[int, dict[str, Any]] | None = None
+
+    def _stats(self, seq: int) -> dict[str, Any]:
+        if self._cache is None or self._cache[0] != seq:
+            self._cache = (seq, self.stats_of(seq))
+        return self._cache[1]
+
+    def get(self, sha: str) -> str | None:
+        if sha in self.recent:
+            return self.recent[sha][0]
+        prefix = np.uint64(int(sha[:16], 16))
+        best: tuple[int, str] | None = None
+        for prefixes, where in self.runs:
+            lo, hi = np.searchsorted(prefixes, prefix, "left"), np.searchsorted(prefixes, prefix, "right")
+            for w in where[lo:hi].tolist():
+                stats = self._stats(w >> 32)
+                if stats["sha256"][w & 0xFFFFFFFF] == sha and (best is None or w < best[0]):
+                    best = (w, stats["keys"][w & 0xFFFFFFFF])
+        return None if best is None else best[1]
+
+    def add(self, sha: str, key: str, seq: int, pos: int) -> None:
+        self.recent.setdefault(sha, (key, seq << 32 | pos))
+
+    def maybe_freeze(self) -> None:
+        """Call when every sample added so far is in a finished shard."""
+        if len(self.recent) < self.freeze_at:
+            return
+        prefixes = np.fromiter((int(sha[:16], 16) for sha in self.recent), dtype=np.uint64, count=len(self.recent))
+        where = np.fromiter((w for _, w in self.recent.values()), dtype=np.int64, count=len(self.recent))
+        self.recent = {}
+        order = np.argsort(prefixes, kind="stable")
+        self.runs.append((prefixes[order], where[order]))
+        while len(self.runs) >= 2 and len(self.runs[-1]) >= len(self.runs[-2]):
+            (p1, w1), (p2, w2) = self.runs[-2], self.runs.pop()
+            p, w = np.concatenate([p1, p2]), np.concatenate([w1, w2])
+            order = np.argsort(p, kind="stable")
+            self.runs[-1] = (p[order], w[order])
+
+
 class _Partition:
-    """The ordered writer of one node's rows: assigns samples and rejects to shards, rolls shards."""
+    """The ordered writer of one node's rows: assigns samples and rejects to shards, rolls shards.
+
+    Holds the open shard's per-sample lists, the dedup state (:class:`_Seen`, ~16 bytes a sample) and a few
+    numbers per finished shard; finished shards' stats are read back from their ``_stats.json`` when needed."""
 
     def __init__(self, out_dir: Path, prefix: str, opts: ShardOptions, done: list[dict[str, Any]], start_row: int,
                  remote: str | None = None):
         self.out_dir, self.prefix, self.opts, self.remote = out_dir, prefix, opts, remote
         self.seq, self.start_row = len(done), start_row
-        self.seen = {sha: key for stats in reversed(done) for sha, key in zip(stats["sha256"], stats["keys"])}
+        self.seen = _Seen(self.stats_of)
+        if not opts.keep_duplicates:
+            for seq, stats in enumerate(done):
+                for pos, (sha, key) in enumerate(zip(stats["sha256"], stats["keys"])):
+                    self.seen.add(sha, key, seq, pos)
+                self.seen.maybe_freeze()
         self.writer: ShardWriter | None = None
         self.rejects: list[dict[str, Any]] = []  # rejects waiting for the shard that will own them
         self.info: dict[str, Any] = {}
-        self.finished: list[dict[str, Any]] = []
+        self.finished: list[dict[str, Any]] = []  # _light() of each shard finished by this run
+
+    def stats_of(self, seq: int) -> dict[str, Any]:
+        """The stats of finished shard ``seq`` (from its local ``_stats.json``; also kept when uploading)."""
+        return json.loads((self.out_dir / stats_name(_stem(self.prefix, seq))).read_bytes())
 
     def feed(self, res: _Result) -> None:
         reject = res.reject
-        if reject is None and not self.opts.keep_duplicates and res.sha256 in self.seen:
-            reject = ("duplicate", f"same bytes as key {self.seen[res.sha256]}")
+        if reject is None and not self.opts.keep_duplicates and (first := self.seen.get(res.sha256)) is not None:
+            reject = ("duplicate", f"same bytes as key {first}")
         if reject is not None:
             self.rejects.append({"id": res.row.id, "source": res.source, "reason": reject[0],
                                  "detail": reject[1], "row": res.row.line})
             return
         assert res.sha256 is not None
-        self.seen.setdefault(res.sha256, res.key)
         if self.writer is not None and self._full(res.members):
             self._finish(end_row=res.index)
         if self.writer is None:
             self._open()
         assert self.writer is not None
+        if not self.opts.keep_duplicates:
+            self.seen.add(res.sha256, res.key, self.seq, self.writer.num_samples)
         rec = self.writer.add(res.key, res.members)
         info = self.info
         info["keys"].append(res.key)
@@ -548,9 +621,10 @@ class _Partition:
             "rejects": self.rejects,
             "seconds": round(time.perf_counter() - info["t0"], 3),
         }
-        self.finished.append(self.writer.finish(stats))
+        self.finished.append(_light(self.writer.finish(stats)))
         self.writer, self.rejects, self.start_row = None, [], end_row
         self.seq += 1
+        self.seen.maybe_freeze()
 
     def close(self, end_row: int) -> list[dict[str, Any]]:
         """Finish the last shard (it owns trailing rejects); return rejects that no shard owns."""
@@ -636,6 +710,25 @@ def _items(plan: _Plan, opts: ShardOptions, start: int, stop: int) -> Iterator[_
                 first[key] = (row.id, row.line)
         if i >= start:
             yield _Item(index=i, row=row, key=key, source=relative_source(row.source, root), pre_reject=pre)
+
+
+class _StatsFiles(Sequence):
+    """The stats of shards ``0..n-1`` of a partition, each read from its ``_stats.json`` when it is reached, so
+    that merging a partition's index never holds every shard's per-sample lists at once."""
+
+    def __init__(self, directory: Path, prefix: str, n: int):
+        self.directory, self.prefix, self.n = directory, prefix, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        path = self.directory / stats_name(_stem(self.prefix, i % self.n))
+        return json.loads(path.read_bytes())
 
 
 def _stem(prefix: str, seq: int) -> str:
@@ -727,7 +820,7 @@ def _publish(local: Path, url: str) -> None:
     index last: its presence means the set is complete, on object storage as on disk."""
     files = sorted(p for p in local.rglob("*") if p.is_file() and not any(part.startswith(".")
                                                                           for part in p.relative_to(local).parts))
-    files = [p for p in files if p.name != BUILD_NAME]  # uploaded at the start
+    files = [p for p in files if p.name != BUILD_NAME and not p.name.endswith(STATS_SUFFIX)]  # uploaded already
     files.sort(key=lambda p: p.name == INDEX_NAME)
     for path in files:
         upload(path, url_join(url, *path.relative_to(local).parts))
@@ -803,10 +896,14 @@ def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts
     hi = plan.rows * (opts.node_rank + 1) // opts.num_nodes
     prefix = _stem_prefix(opts)
     done, resume_row = _resume(remote or out_dir, prefix, lo)
+    if remote is not None:  # the dedup state reads finished shards' stats locally
+        for seq, stats in enumerate(done):
+            atomic_write(out_dir / stats_name(_stem(prefix, seq)), json_bytes(stats) + b"\n")
     _remove_stale(out_dir, prefix, keep=len(done))
     if remote is not None:
         _remove_stale_remote(remote, prefix, keep=len(done))
     part = _Partition(out_dir, prefix, opts, done, resume_row, remote)
+    done = [_light(s) for s in done]
 
     n_todo = hi - resume_row
     lines: dict[int, int] = {}  # manifest line of the rows in flight and of the unfinished shard's first row
@@ -856,9 +953,9 @@ def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts
     if remote is not None:
         _remove_stale_remote(remote, prefix, keep=part.seq)
 
-    shards = done + part.finished
+    shards = done + part.finished  # _light() of each: the stats themselves are read back from their files
     part_record = {"build": build, "rank": opts.node_rank, "num_nodes": opts.num_nodes, "rows": [lo, hi],
-                   "inputs": hi - lo, "shards": shards, "rejects": orphans}
+                   "inputs": hi - lo, "shards": _StatsFiles(out_dir, prefix, len(shards)), "rejects": orphans}
     index_path = part_path = None
     if opts.num_nodes == 1:
         merge_index(out_dir, [part_record])
@@ -867,16 +964,19 @@ def _build(manifest: str | Path | Manifest | ManifestStream, out_dir: Path, opts
             _publish(out_dir, remote)
             index_path = url_join(remote, INDEX_NAME)
     else:
-        part_path = write_part(out_dir, opts.node_rank, opts.num_nodes, part_record)
+        part_path = write_part(out_dir, opts.node_rank, opts.num_nodes,
+                               {**part_record, "shards": list(part_record["shards"])})
         if remote is not None:
             part_path = upload(part_path, url_join(remote, part_path.name))
-    rejects = [r for s in shards for r in s["rejects"]] + orphans
+    reasons = Counter(r["reason"] for r in orphans)
+    for s in shards:
+        reasons.update(s["rejects_by_reason"])
     return ShardSummary(
         out_dir=remote or out_dir,
         inputs=hi - lo,
         written=sum(s["num_samples"] for s in shards),
-        rejected=len(rejects),
-        rejects_by_reason=dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        rejected=sum(reasons.values()),
+        rejects_by_reason=dict(sorted(reasons.items())),
         shards=len(shards),
         resumed_shards=len(done),
         processed=n_todo,

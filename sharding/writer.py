@@ -134,7 +134,7 @@ class ShardWriter:
         if self.remote is not None:
             for path in (self.tar_path, self.idx_path, self.stats_path):  # stats last: the marker
                 upload(path, url_join(self.remote, path.name))
-            for path in (self.stats_path, self.idx_path, self.tar_path):
+            for path in (self.idx_path, self.tar_path):  # the stats stay: the build reads them back
                 path.unlink(missing_ok=True)
         return stats
 
