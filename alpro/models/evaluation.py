@@ -231,3 +231,111 @@ def qa_accuracy(predictions: torch.Tensor, targets: torch.Tensor,
         for kind, oks in sorted(by_type.items()):
             out[f"acc_{kind}"] = 100 * sum(oks) / len(oks)
     return out
+
+
+# ------------------------------------------------------------------------------------------ retrieval at scale
+#
+# The same retrieval metrics without (Nt, Nv) matrices: each rank ranks only its own query rows (its texts for
+# text->video, its clips for video->text) against every key's pooled VTC feature, ``SCORE_CHUNK`` keys at a
+# time, keeping a running top-k and the number of keys above the ground truth. LAVIS's re-ranking then needs
+# the VTM logits of the top-k pairs only, and its rank follows from them: every other pair of the dense
+# matrix holds exactly -100. See docs/training.md "Evaluation at scale" for the memory model.
+
+SCORE_CHUNK = 16384
+"""Keys (clips or texts) scored per block by :func:`vtc_topk_ranks`."""
+QUERY_BLOCK = 1024
+"""Query rows per block: a block's cosines are QUERY_BLOCK x SCORE_CHUNK float32 (64 MiB)."""
+
+
+def positives_csr(text_to_video: Sequence[int] | torch.Tensor, n_videos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ptr (Nv+1,), texts) with the texts of clip v at ``texts[ptr[v]:ptr[v+1]]`` (ascending)."""
+    gt = torch.as_tensor(text_to_video, dtype=torch.long)
+    order = torch.sort(gt, stable=True).indices
+    ptr = torch.zeros(n_videos + 1, dtype=torch.long)
+    ptr[1:] = torch.bincount(gt, minlength=n_videos).cumsum(0)
+    return ptr, order
+
+
+def _cosines(q: torch.Tensor, keys: torch.Tensor, key_major: bool) -> torch.Tensor:
+    """(n, E) x (m, E) -> (n, m): ``q @ keys.T``, or ``(keys @ q.T).T`` as a dense matrix computed the other
+    way round holds them (the same dot products; a BLAS may round them differently)."""
+    return (keys.float() @ q.t()).t() if key_major else q @ keys.float().t()
+
+
+@torch.no_grad()
+def vtc_topk_ranks(queries: torch.Tensor, keys: torch.Tensor, pos_ptr: torch.Tensor, pos_idx: torch.Tensor,
+                   k: int, chunk: int = SCORE_CHUNK, block: int = QUERY_BLOCK, rank_key_major: bool = False,
+                   topk_key_major: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``queries`` (n, E) against ``keys`` (N, E) by cosine, ``chunk`` keys at a time.
+    ``pos_idx[pos_ptr[i]:pos_ptr[i+1]]`` are the ground-truth keys of query i.
+
+    Returns (ranks (n,), top_sim (n, k), top_idx (n, k)): rank = 1 + #keys scored strictly higher than the best
+    ground truth (``ties="optimistic"``, the best over several ground truths as the dense video->text rank), 0
+    for a query without ground truth; the ``k`` highest cosines and their key ids, as ``torch.topk`` of the
+    dense row (equal up to the order of exactly tied cosines). ``*_key_major``: compute the cosines of the ranks
+    / of the top-k as ``keys @ queries.T`` (the orientation of the dense matrix they must equal to the bit).
+    Memory: O(block x (chunk + k))."""
+    n, N = queries.shape[0], keys.shape[0]
+    k = min(k, N)
+    ranks = torch.zeros(n, dtype=torch.long)
+    top_sim = torch.empty(n, k, dtype=torch.float32)
+    top_idx = torch.empty(n, k, dtype=torch.long)
+    for b0 in range(0, n, block):
+        q = queries[b0:b0 + block].float()
+        nb = q.shape[0]
+        ptr = pos_ptr[b0:b0 + nb + 1]
+        pos = pos_idx[ptr[0]:ptr[-1]]
+        pos_row = torch.repeat_interleave(torch.arange(nb), ptr.diff())
+        best = torch.full((nb,), float("-inf"))
+        if len(pos):  # the ground truths' cosines, from the very blocks the counting below computes
+            lo, hi = int(pos.min()) // chunk * chunk, int(pos.max()) + 1
+            for c0 in range(lo, hi, chunk):
+                c1 = min(c0 + chunk, N)
+                inside = (pos >= c0) & (pos < c1)
+                if inside.any():
+                    sims = _cosines(q, keys[c0:c1], rank_key_major)
+                    best.scatter_reduce_(0, pos_row[inside], sims[pos_row[inside], pos[inside] - c0], "amax")
+        above = torch.zeros(nb, dtype=torch.long)
+        run_sim = torch.empty(nb, 0)
+        run_idx = torch.empty(nb, 0, dtype=torch.long)
+        for c0 in range(0, N, chunk):
+            sims = _cosines(q, keys[c0:c0 + chunk], rank_key_major)
+            above += (sims > best[:, None]).sum(1)
+            if k:
+                if topk_key_major != rank_key_major:
+                    sims = _cosines(q, keys[c0:c0 + chunk], topk_key_major)
+                cand_sim = torch.cat([run_sim, sims], 1)
+                cand_idx = torch.cat([run_idx, torch.arange(c0, c0 + sims.shape[1]).expand(nb, -1)], 1)
+                run_sim, at = cand_sim.topk(min(k, cand_sim.shape[1]), dim=1)
+                run_idx = cand_idx.gather(1, at)
+        ranks[b0:b0 + nb] = torch.where(ptr.diff() > 0, above + 1, 0)
+        top_sim[b0:b0 + nb], top_idx[b0:b0 + nb] = run_sim, run_idx
+    return ranks, top_sim, top_idx
+
+
+def lavis_ranks(scores: torch.Tensor, top_idx: torch.Tensor, pos_ptr: torch.Tensor, pos_idx: torch.Tensor,
+                n_keys: int) -> torch.Tensor:
+    """Ranks under LAVIS's protocol from the re-ranked top-k alone: ``scores`` (n, k) = VTM logit + cosine of
+    the pairs ``top_idx`` (n, k); every other key of the dense row holds exactly -100. rank = 1 + #keys scored
+    strictly higher than the best ground truth (-100 when none is in the top-k); 0 for a query without ground
+    truth. Equal to :func:`retrieval_metrics`'s ranks of the dense matrices of :func:`scores_lavis`."""
+    n, k = top_idx.shape
+    best = torch.full((n,), float("-inf"))
+    counts = pos_ptr.diff()
+    rows = torch.repeat_interleave(torch.arange(n), counts)
+    pos = pos_idx[pos_ptr[0]:pos_ptr[-1]]
+    for p0 in range(0, len(pos), QUERY_BLOCK):  # each ground truth's score: its re-ranked score, else -100
+        r, p = rows[p0:p0 + QUERY_BLOCK], pos[p0:p0 + QUERY_BLOCK]
+        hit = top_idx[r] == p[:, None]
+        found = torch.where(hit, scores[r].float(), float("-inf")).amax(1) if k else torch.full((len(r),),
+                                                                                               float("-inf"))
+        best.scatter_reduce_(0, r, torch.where(hit.any(1), found, torch.tensor(-100.0)), "amax")
+    above = (scores.float() > best[:, None]).sum(1) + torch.where(best < -100.0, n_keys - k, 0)
+    return torch.where(counts > 0, above + 1, 0)
+
+
+def metrics_from_ranks(t2v_ranks: torch.Tensor, v2t_ranks: torch.Tensor) -> dict[str, float]:
+    """The keys of :func:`retrieval_metrics` from per-query ranks (0 = a query without ground truth, left out)."""
+    out = {f"t2v_{k}": v for k, v in _rank_metrics(t2v_ranks[t2v_ranks > 0]).items()}
+    out.update({f"v2t_{k}": v for k, v in _rank_metrics(v2t_ranks[v2t_ranks > 0]).items()})
+    return out

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from alpro.config import parse_command_overrides
-from alpro.dist import all_gather_objects, all_reduce_
+from alpro.dist import all_gather_objects, get_rank
 from alpro.errors import AlproError
 from alpro.fileio import atomic_write, read_json
 
@@ -47,12 +47,11 @@ def _maybe_tqdm(items, enabled: bool, desc: str):
 
 
 @torch.no_grad()
-def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragraph: bool = False,
-                         progress: bool = False):
-    """Embed every clip of ``loader`` and all of their captions. Returns (RetrievalEmbeddings, text_to_video,
-    keys), identical on every rank."""
+def _embed_local(model, loader, tokenizer, max_len: int, device, paragraph: bool = False,
+                 progress: bool = False) -> list[dict[str, Any]]:
+    """This rank's clips of ``loader`` and their captions, embedded: one dict per batch (on the CPU)."""
     from alpro.data.text import encode
-    from alpro.models.evaluation import RetrievalEmbeddings, embed_texts, embed_videos, paragraph_queries
+    from alpro.models.evaluation import embed_texts, embed_videos, paragraph_queries
 
     local: list[dict[str, Any]] = []
     for batch in _maybe_tqdm(loader, progress, "embedding clips"):
@@ -72,6 +71,18 @@ def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragra
             "text_embeds": text_embeds.cpu(), "text_mask": mask, "text_feat": text_feat.float().cpu(),
             "owners": owners,
         })
+    return local
+
+
+@torch.no_grad()
+def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragraph: bool = False,
+                         progress: bool = False):
+    """Embed every clip of ``loader`` and all of their captions. Returns (RetrievalEmbeddings, text_to_video,
+    keys), identical on every rank: every clip's tokens on every rank (the dense path; :func:`evaluate_retrieval`
+    uses :func:`sharded_embeddings` instead)."""
+    from alpro.models.evaluation import RetrievalEmbeddings
+
+    local = _embed_local(model, loader, tokenizer, max_len, device, paragraph, progress)
     parts = [p for rank_parts in all_gather_objects(local) for p in rank_parts]
     if not parts:
         raise AlproError("retrieval evaluation: the evaluation split has no clips")
@@ -86,37 +97,175 @@ def retrieval_embeddings(model, loader, tokenizer, max_len: int, device, paragra
     return emb, text_to_video, keys
 
 
+@dataclass
+class ShardedEmbeddings:
+    """What a rank holds for scaled retrieval scoring: every clip's and text's pooled VTC feature (E floats
+    each) and every text's clip, but only its own clips' and texts' tokens (global ids ``video_lo + i`` and
+    ``text_lo + j``, numbered rank by rank as the dense path's gathered order)."""
+
+    video_feat: torch.Tensor  # (Nv, E) all clips
+    text_feat: torch.Tensor  # (Nt, E) all texts
+    text_to_video: torch.Tensor  # (Nt,) all texts
+    video_lo: int
+    text_lo: int
+    video_embeds: torch.Tensor  # (nv, 1+P, D) this rank's clips
+    text_embeds: torch.Tensor  # (nt, L, D) this rank's texts
+    text_mask: torch.Tensor  # (nt, L)
+
+
+def sharded_embeddings(local: list[dict[str, Any]]) -> ShardedEmbeddings:
+    """Gather the features (not the tokens) of every rank's :func:`_embed_local` parts."""
+    cat = lambda name: torch.cat([p[name] for p in local]) if local else None  # noqa: E731
+    mine = {name: cat(name) for name in ("video_embeds", "video_feat", "text_embeds", "text_mask", "text_feat")}
+    owners, n = [], 0
+    for p in local:
+        owners += [n + o for o in p["owners"]]
+        n += len(p["keys"])
+    shapes = {k: (tuple(v.shape[1:]), v.dtype) for k, v in mine.items() if v is not None}
+    gathered = all_gather_objects((mine["video_feat"], mine["text_feat"], torch.tensor(owners, dtype=torch.long),
+                                   shapes))
+    if all(g[0] is None for g in gathered):
+        raise AlproError("retrieval evaluation: the evaluation split has no clips")
+    shapes = next(g[3] for g in gathered if g[3])
+    for name, value in mine.items():  # a rank without clips holds empty tensors of the right shape
+        if value is None:
+            mine[name] = torch.empty((0, *shapes[name][0]), dtype=shapes[name][1])
+    videos, texts, gt = [], [], []
+    video_lo = text_lo = offset = 0
+    for r, (vf, tf, own, _) in enumerate(gathered):
+        if r == get_rank():
+            video_lo, text_lo = offset, sum(len(t) for t in texts)
+        if vf is None:
+            continue
+        videos.append(vf)
+        texts.append(tf)
+        gt.append(own + offset)
+        offset += len(vf)
+    return ShardedEmbeddings(torch.cat(videos), torch.cat(texts), torch.cat(gt), video_lo, text_lo,
+                             mine["video_embeds"], mine["text_embeds"], mine["text_mask"])
+
+
+FETCH_BYTES = 64 << 20
+"""Candidate tokens a rank fetches per re-ranking round (the union over ranks arrives: <= world x this)."""
+
+
+def _fetch(wanted: torch.Tensor, local: tuple[torch.Tensor, ...], lo: int) -> tuple[torch.Tensor, ...]:
+    """Rows ``wanted`` (sorted unique global ids) of a table split over ranks (this rank holds ``local`` rows
+    ``lo, lo+1, ...``): the ranks say which rows they want, and each serves the asked rows it owns. Collective:
+    every rank calls it the same number of times."""
+    n = local[0].shape[0]
+    mine = (wanted >= lo) & (wanted < lo + n)
+    asked = torch.cat([r for r in all_gather_objects(wanted[~mine])])
+    serve = torch.unique(asked[(asked >= lo) & (asked < lo + n)])
+    served = all_gather_objects((serve, tuple(t[serve - lo] for t in local)))
+    out = tuple(torch.empty((len(wanted), *t.shape[1:]), dtype=t.dtype) for t in local)
+    for o, t in zip(out, local):
+        o[mine] = t[wanted[mine] - lo]
+    for ids, rows in served:
+        hit = torch.isin(wanted, ids) & ~mine
+        if hit.any():
+            at = torch.searchsorted(ids, wanted[hit])
+            for o, r in zip(out, rows):
+                o[hit] = r[at]
+    return out
+
+
+@torch.no_grad()
+def _rerank(model, se: ShardedEmbeddings, top_sim: torch.Tensor, top_idx: torch.Tensor, video_rows: bool,
+            batch_size: int, progress: bool, fetch_bytes: int = FETCH_BYTES) -> torch.Tensor:
+    """VTM logit + cosine of this rank's rows' top-k pairs (LAVIS's re-ranking), each row's pairs in one
+    :func:`vtm_pair_logits` call as the dense path; the candidates' tokens are fetched round by round."""
+    from alpro.models.evaluation import RetrievalEmbeddings, _progress, vtm_pair_logits
+
+    n, k = top_idx.shape
+    keys = (se.text_embeds, se.text_mask) if video_rows else (se.video_embeds,)
+    row_bytes = sum(t[0].numel() * t.element_size() for t in keys) if len(keys[0]) else 1
+    per_round = max(1, fetch_bytes // max(1, k * row_bytes))
+    rounds = max(all_gather_objects(-(-n // per_round)))
+    scores = torch.empty(n, k)
+    desc = "v2t re-rank" if video_rows else "t2v re-rank"
+    for r in _progress(range(rounds), progress, desc):
+        rows = range(r * per_round, min(n, (r + 1) * per_round))
+        wanted = torch.unique(top_idx[rows.start:rows.stop].flatten())
+        got = _fetch(wanted, keys, se.text_lo if video_rows else se.video_lo)
+        if video_rows:
+            emb = RetrievalEmbeddings(se.video_embeds, se.video_feat, got[0], got[1], se.text_feat)
+        else:
+            emb = RetrievalEmbeddings(got[0], se.video_feat, se.text_embeds, se.text_mask, se.text_feat)
+        for i in rows:
+            cand, own = torch.searchsorted(wanted, top_idx[i]), torch.full((k,), i)
+            t_idx, v_idx = (cand, own) if video_rows else (own, cand)
+            scores[i] = vtm_pair_logits(model, emb, t_idx, v_idx, batch_size)[:, 1].cpu() + top_sim[i]
+    return scores
+
+
+def _gather_cat(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat(all_gather_objects(x))
+
+
+@torch.no_grad()
+def score_retrieval(model, se: ShardedEmbeddings, protocol: str, k_test: int, batch_size: int,
+                    rounding: bool = False, progress: bool = False, fetch_bytes: int = FETCH_BYTES
+                    ) -> dict[str, float]:
+    """VTC metrics and those of each protocol from sharded embeddings: every rank ranks its own texts against
+    all clips and its own clips against all texts, by pooled features in chunks (running top-k); LAVIS's
+    re-ranking fetches only the top-k candidates' tokens; ranks are gathered (an int per query). Equal to the
+    dense path (:func:`retrieval_embeddings`, :func:`scores_lavis`, :func:`scores_original`)."""
+    from alpro.models.evaluation import (
+        RetrievalEmbeddings,
+        lavis_ranks,
+        metrics_from_ranks,
+        original_protocol_metrics,
+        positives_csr,
+        scores_original,
+        vtc_topk_ranks,
+    )
+
+    n_videos, n_texts = len(se.video_feat), len(se.text_feat)
+    nv, nt = len(se.video_embeds), len(se.text_embeds)
+    has_vtm = getattr(model, "vtm_head", None) is not None
+    lavis = has_vtm and protocol in ("lavis", "both")
+    k = k_test if lavis else 0
+    vptr, vpos = positives_csr(se.text_to_video, n_videos)  # the texts of each clip
+    tptr, tpos = torch.arange(n_texts + 1), se.text_to_video  # the clip of each text
+    # The dense path's orientations: VTC ranks from text_feat @ video_feat.T, LAVIS's top-k from its transpose.
+    t_rank, t_sim, t_idx = vtc_topk_ranks(se.text_feat[se.text_lo:se.text_lo + nt], se.video_feat,
+                                          tptr[se.text_lo:se.text_lo + nt + 1], tpos, k, topk_key_major=True)
+    v_rank, v_sim, v_idx = vtc_topk_ranks(se.video_feat[se.video_lo:se.video_lo + nv], se.text_feat,
+                                          vptr[se.video_lo:se.video_lo + nv + 1], vpos, k, rank_key_major=True)
+    out = {f"vtc_{key}": v for key, v in metrics_from_ranks(_gather_cat(t_rank), _gather_cat(v_rank)).items()}
+    if has_vtm and protocol in ("original", "both"):  # every pair by VTM: O(Nt x Nv) by definition
+        videos = torch.cat(all_gather_objects(se.video_embeds))
+        mine = RetrievalEmbeddings(videos, se.video_feat, se.text_embeds, se.text_mask,
+                                   se.text_feat[se.text_lo:se.text_lo + nt])
+        scores = _gather_cat(scores_original(model, mine, batch_size, progress))
+        metrics = original_protocol_metrics(scores, se.text_to_video, rounding=rounding)
+        out.update({f"original_{key}": v for key, v in metrics.items()})
+    if lavis:
+        t_scores = _rerank(model, se, t_sim, t_idx, False, batch_size, progress, fetch_bytes)
+        v_scores = _rerank(model, se, v_sim, v_idx, True, batch_size, progress, fetch_bytes)
+        t_all = _gather_cat(lavis_ranks(t_scores, t_idx, tptr[se.text_lo:se.text_lo + nt + 1], tpos, n_videos))
+        v_all = _gather_cat(lavis_ranks(v_scores, v_idx, vptr[se.video_lo:se.video_lo + nv + 1], vpos, n_texts))
+        out.update({f"lavis_{key}": v for key, v in metrics_from_ranks(t_all, v_all).items()})
+    return out
+
+
 @torch.no_grad()
 def evaluate_retrieval(model, cfg, tokenizer, rank: int, world: int, device, split: str,
                        protocol: str | None = None, progress: bool = False) -> dict[str, float]:
     from alpro.data import build_eval_loader
-    from alpro.models.evaluation import (
-        original_protocol_metrics,
-        retrieval_metrics,
-        scores_lavis,
-        scores_original,
-    )
 
     protocol = protocol or cfg.eval.protocol
     loader = build_eval_loader(cfg.data, "retrieval", tokenizer, rank, world, split=split, seed=cfg.seed)
-    emb, gt, keys = retrieval_embeddings(model, loader, tokenizer, cfg.data.max_text_len, device,
-                                         paragraph=cfg.data.paragraph, progress=progress)
-    n_videos, n_texts = emb.video_feat.shape[0], emb.text_feat.shape[0]
+    local = _embed_local(model, loader, tokenizer, cfg.data.max_text_len, device, paragraph=cfg.data.paragraph,
+                         progress=progress)
+    se = sharded_embeddings(local)
+    n_videos, n_texts = se.video_feat.shape[0], se.text_feat.shape[0]
     out: dict[str, float] = {"n_videos": float(n_videos), "n_texts": float(n_texts),
                              "chance_r1": 100.0 / n_videos, "chance_r5": min(100.0, 500.0 / n_videos),
                              "chance_r10": min(100.0, 1000.0 / n_videos)}
-    vtc = emb.text_feat @ emb.video_feat.t()  # (Nt, Nv) cosine
-    out.update({f"vtc_{k}": v for k, v in retrieval_metrics(vtc, gt).items()})
-    has_vtm = getattr(model, "vtm_head", None) is not None
-    shard = (rank, world)
-    if has_vtm and protocol in ("original", "both"):
-        scores = all_reduce_(scores_original(model, emb, cfg.eval.batch_size, progress, shard=shard).contiguous())
-        metrics = original_protocol_metrics(scores, gt, rounding=cfg.eval.original_rounding)
-        out.update({f"original_{k}": v for k, v in metrics.items()})
-    if has_vtm and protocol in ("lavis", "both"):
-        v2t, t2v = scores_lavis(model, emb, cfg.eval.k_test, cfg.eval.batch_size, progress, shard=shard)
-        v2t, t2v = all_reduce_(v2t.contiguous()), all_reduce_(t2v.contiguous())
-        out.update({f"lavis_{k}": v for k, v in retrieval_metrics(t2v, gt, v2t).items()})
+    out.update(score_retrieval(model, se, protocol, cfg.eval.k_test, cfg.eval.batch_size,
+                               cfg.eval.original_rounding, progress))
     return out
 
 
