@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -153,6 +154,12 @@ class _Totals:
 def _digests(hashes: list[Any]) -> np.ndarray:
     """(n, 2) uint64 standing for the samples' source hashes: each sha256 folded to 128 bits (its two halves
     XORed; any other string is hashed to 256 bits first). 16 bytes a sample instead of a Python string in a set."""
+    if all(isinstance(sha, str) and len(sha) == 64 for sha in hashes):
+        try:
+            words = np.frombuffer(bytes.fromhex("".join(hashes)), dtype="<u8").reshape(-1, 4)
+            return words[:, :2] ^ words[:, 2:]
+        except ValueError:
+            pass
     raw = []
     for sha in hashes:
         try:
@@ -187,65 +194,119 @@ def _utf8_ok(obj: Any) -> bool:
         return False
 
 
-class _ColumnsWriter:
-    """Writes ``index.cols/`` (docs/shard_format.md) shard by shard into a temporary directory next to it;
-    :meth:`finish` moves it into place (replacing an older one)."""
+class _Spill:
+    """A temporary directory next to the index where a merge writes as it reads the parts: the index JSON (in
+    the order of the file, to be compressed in one piece at the end) and the per-sample columns as raw arrays
+    (keys as lengths + bytes, fixed width only once the longest is known). Nothing grows in memory but the
+    per-shard table (names, counts)."""
 
-    def __init__(self, out_dir: Path, shards: int, samples: int, widths: dict[str, int]):
-        self.out_dir, self.shards, self.samples = out_dir, shards, samples
-        self.tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{COLUMNS_DIR}.", suffix=".tmp"))
+    _RAW = {"offset": "<i8", "size": "<i8", "media": "u1", "num_frames": "<i4", "key_len": "<i4"}
 
-        def column(spec: tuple[str, str], shape: tuple[int, ...], width: int = 1) -> np.ndarray:
-            dtype = f"S{max(width, 1)}" if spec[1] == "S" else spec[1]
-            return np.lib.format.open_memmap(self.tmp / spec[0], mode="w+", dtype=dtype, shape=shape)
-
-        self.shard_cols = {"file": column(SHARD_COLUMNS["file"], (shards,), widths["file"]),
-                           "idx": column(SHARD_COLUMNS["idx"], (shards,), widths["idx"]),
-                           "start": column(SHARD_COLUMNS["start"], (shards + 1,)),
-                           "media": column(SHARD_COLUMNS["media"], (shards, 3))}
-        self.cols = {name: column(spec, (samples,), widths["key"] if name == "key" else 1)
-                     for name, spec in SAMPLE_COLUMNS.items()}
-        self.i = self.pos = 0
-        self.shard_cols["start"][0] = 0
+    def __init__(self, out_dir: Path):
+        self.dir = Path(tempfile.mkdtemp(dir=out_dir, prefix=".index.merge.", suffix=".tmp"))
+        self.json = open(self.dir / "index.json", "wb")
+        self.raw = {name: open(self.dir / f"{name}.raw", "wb") for name in [*self._RAW, "key"]}
+        self.files: list[bytes] = []
+        self.idxs: list[bytes] = []
+        self.counts: list[int] = []
+        self.media: list[np.ndarray] = []
+        self.samples = 0
+        self.key_width = 1
 
     def add(self, entry: dict[str, Any]) -> None:
-        n, a = int(entry["num_samples"]), self.pos
-        media = [MEDIA_CODES.get(m, 2) if isinstance(m, str) else 2 for m in (entry.get("media") or ["?"] * n)]
-        values = {"key": [str(k).encode("utf-8", "surrogateescape") for k in entry["keys"]],
-                  "offset": entry["offsets"], "size": entry["sizes"], "media": media,
-                  "num_frames": entry.get("num_frames") or [-1] * n}
-        if any(len(v) != n for v in values.values()) or min(entry["offsets"] or [0]) < 0 or min(entry["sizes"] or [0]) < 0:
+        n = int(entry["num_samples"])
+        media = np.array([MEDIA_CODES.get(m, 2) if isinstance(m, str) else 2
+                          for m in (entry.get("media") or ["?"] * n)], dtype=np.uint8)
+        keys = [str(k).encode("utf-8", "surrogateescape") for k in entry["keys"]]
+        try:
+            values = {"offset": np.asarray(entry["offsets"], dtype=np.int64),
+                      "size": np.asarray(entry["sizes"], dtype=np.int64), "media": media,
+                      "num_frames": np.asarray(entry.get("num_frames") or [-1] * n, dtype=np.int32),
+                      "key_len": np.array([len(k) for k in keys], dtype=np.int32)}
+        except (TypeError, ValueError, OverflowError) as e:
+            raise AlproError(f"shard {entry['file']!r}: malformed per-sample lists ({e}); its stats are damaged: "
+                             "delete it and run alpro shard again") from None
+        if any(len(v) != n for v in values.values()) or (n and (values["offset"].min() < 0
+                                                                 or values["size"].min() < 0)):
             raise AlproError(f"shard {entry['file']!r}: per-sample lists do not match num_samples={n} (or negative "
                              "offsets / sizes); its stats are damaged: delete it and run alpro shard again")
         for name, v in values.items():
-            self.cols[name][a:a + n] = v
-        self.shard_cols["file"][self.i] = str(entry["file"]).encode("utf-8", "surrogateescape")
-        self.shard_cols["idx"][self.i] = str(entry.get("idx") or "").encode("utf-8", "surrogateescape")
-        self.shard_cols["media"][self.i] = np.bincount(np.asarray(media, dtype=np.int64), minlength=3)[:3]
-        self.i, self.pos = self.i + 1, a + n
-        self.shard_cols["start"][self.i] = self.pos
+            self.raw[name].write(v.astype(self._RAW[name], copy=False).tobytes())
+        self.raw["key"].write(b"".join(keys))
+        self.key_width = max(self.key_width, int(values["key_len"].max()) if n else 1)
+        self.files.append(str(entry["file"]).encode("utf-8", "surrogateescape"))
+        self.idxs.append(str(entry.get("idx") or "").encode("utf-8", "surrogateescape"))
+        self.counts.append(n)
+        self.media.append(np.bincount(media, minlength=3)[:3])
+        self.samples += n
 
-    def finish(self, meta: dict[str, Any]) -> None:
-        assert (self.i, self.pos) == (self.shards, self.samples), (self.i, self.pos)
-        for col in [*self.shard_cols.values(), *self.cols.values()]:
-            col.flush()
-        self.shard_cols = self.cols = {}
-        for f in self.tmp.iterdir():
+    def close(self) -> None:
+        for f in [self.json, *self.raw.values()]:
+            f.close()
+
+    def columns(self, out_dir: Path, meta: dict[str, Any]) -> Path:
+        """``index.cols/`` (docs/shard_format.md) in a temporary directory next to it, complete; returned for
+        :func:`_place_columns`."""
+        self.close()
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{COLUMNS_DIR}.", suffix=".tmp"))
+        shards = len(self.counts)
+
+        def save(spec: tuple[str, str], values: np.ndarray) -> None:
+            np.save(tmp / spec[0], values, allow_pickle=False)
+
+        width = lambda names: f"S{max([1, *map(len, names)])}"  # noqa: E731
+        save(SHARD_COLUMNS["file"], np.array(self.files, dtype=width(self.files)))
+        save(SHARD_COLUMNS["idx"], np.array(self.idxs, dtype=width(self.idxs)))
+        save(SHARD_COLUMNS["start"], np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)]).astype("<i8"))
+        save(SHARD_COLUMNS["media"], np.array(self.media, dtype="<i8").reshape(shards, 3))
+        step = 1 << 22
+        for name in ("offset", "size", "media", "num_frames"):
+            fname, dtype = SAMPLE_COLUMNS[name]
+            raw = np.memmap(self.dir / f"{name}.raw", dtype=dtype, mode="r") if self.samples else np.zeros(0, dtype)
+            out = np.lib.format.open_memmap(tmp / fname, mode="w+", dtype=dtype, shape=(self.samples,))
+            for a in range(0, self.samples, step):
+                out[a:a + step] = raw[a:a + step]
+            out.flush()
+            del out, raw
+        lengths = (np.memmap(self.dir / "key_len.raw", dtype="<i4", mode="r") if self.samples
+                   else np.zeros(0, "<i4"))
+        blob = np.memmap(self.dir / "key.raw", dtype=np.uint8, mode="r") if os.path.getsize(self.dir / "key.raw") \
+            else np.zeros(0, np.uint8)
+        keys = np.lib.format.open_memmap(tmp / SAMPLE_COLUMNS["key"][0], mode="w+", dtype=f"S{self.key_width}",
+                                         shape=(self.samples,))
+        pos = 0
+        for a in range(0, self.samples, step):
+            lens = np.asarray(lengths[a:a + step], dtype=np.int64)
+            total = int(lens.sum())
+            rows = np.repeat(np.arange(len(lens)), lens)
+            cols = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+            block = np.zeros((len(lens), self.key_width), np.uint8)
+            block[rows, cols] = blob[pos:pos + total]
+            keys[a:a + len(lens)] = block.view(f"S{self.key_width}").ravel()
+            pos += total
+        keys.flush()
+        del keys, lengths, blob
+        for f in tmp.iterdir():
             with open(f, "rb+") as handle:
                 os.fsync(handle.fileno())
-        atomic_write(self.tmp / COLUMNS_META, json_bytes(meta, indent=1) + b"\n")
-        final = self.out_dir / COLUMNS_DIR
-        old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(dir=self.out_dir, prefix=f".{COLUMNS_DIR}.", suffix=".old"))
-            os.replace(final, old / COLUMNS_DIR)
-        os.replace(self.tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        atomic_write(tmp / COLUMNS_META, json_bytes(meta, indent=1) + b"\n")
+        return tmp
 
-    def abort(self) -> None:
-        self.shard_cols = self.cols = {}
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _place_columns(out_dir: Path, tmp: Path) -> None:
+    """Move a complete ``index.cols`` into place, replacing an older one."""
+    final = out_dir / COLUMNS_DIR
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{COLUMNS_DIR}.", suffix=".old"))
+        os.replace(final, old / COLUMNS_DIR)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def merge_index(out_dir: str | Path, parts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -255,10 +316,12 @@ def merge_index(out_dir: str | Path, parts: list[dict[str, Any]] | None = None) 
     returns the index without its ``shards`` (header and totals). Fails with one line naming the missing node
     ranks if a part is missing, or if parts come from different builds.
 
-    Streams: the parts are read one at a time, twice (totals and sizes first, then the shard entries, which go
-    straight into a zstd stream and into the columns); held at once are one part, the rejects, the per-shard
-    sizes and 16 bytes of each sample's source hash (the cross-node duplicate count). The bytes written are those
-    of ``json_bytes(index)`` compressed in one piece (a zstd stream with the size pledged up front).
+    Streams: the parts are read one at a time, once; each shard's entry goes straight to a temporary JSON file
+    and its per-sample lists to temporary column files on disk. Held in memory at once: one part, the rejects,
+    the per-shard table and 16 bytes of each sample's source hash (the cross-node duplicate count). The JSON
+    file is then compressed in one piece from a memory map (so the bytes are exactly those of
+    ``zstd(json_bytes(index))``: a zstd *stream* of more than one window compresses differently); its pages
+    are file cache, read once, not process memory.
     """
     out_dir = Path(out_dir)
     if parts is None:
@@ -267,75 +330,91 @@ def merge_index(out_dir: str | Path, parts: list[dict[str, Any]] | None = None) 
     else:
         ordered = sorted(parts, key=lambda p: p["rank"])
         load = lambda: iter(ordered)  # noqa: E731
-    build = None
-    totals, rejects, sizes, digests = _Totals(), [], {}, []
-    inputs = entry_bytes = 0
-    utf8 = True
-    widths = {"file": 1, "idx": 1, "key": 1}
-    for part in load():
-        if build is None:
-            build = part["build"]
-        elif json.dumps(part["build"], sort_keys=True) != json.dumps(build, sort_keys=True):
-            raise AlproError(f"{out_dir}: partial indexes come from different builds; rebuild into a clean OUT_DIR")
-        for stats in part["shards"]:
-            totals.add(stats)
-            rejects.extend(stats["rejects"])
-            sizes[stats["file"]] = stats["num_samples"]
-            if not build["options"]["keep_duplicates"]:
-                digests.append(_digests(stats["sha256"]))
-            entry = shard_entry(stats)
-            utf8 = utf8 and _utf8_ok(entry)
-            entry_bytes += len(_dumps(entry, False)) if utf8 else 0
-            widths["file"] = max(widths["file"], len(str(entry["file"]).encode("utf-8", "surrogateescape")))
-            widths["idx"] = max(widths["idx"], len(str(entry.get("idx") or "").encode("utf-8", "surrogateescape")))
-            widths["key"] = max([widths["key"], *(len(str(k).encode("utf-8", "surrogateescape"))
-                                                   for k in entry["keys"])])
-        rejects.extend(part["rejects"])
-        inputs += part["inputs"]
-        del part
-    if build is None:
-        raise AlproError(f"{out_dir}: no partial indexes to merge")
-    rejects.sort(key=lambda r: r["row"])
-    # Each node dedups its own rows only, so a repeated source hash here is a duplicate across nodes.
-    cross_duplicates = 0 if build["options"]["keep_duplicates"] else _count_repeats(digests)
-    del digests
     sentinel = "\u0000alpro-shards\u0000"
-    head = {"format": FORMAT_TAG, "version": FORMAT_VERSION, "name": build["name"], "options": build["options"],
-            "manifest": build["manifest"], "shards": sentinel,
-            "totals": {**totals.as_dict(rejects, inputs), "cross_node_duplicates": cross_duplicates}}
-    ascii_only = not (utf8 and _utf8_ok(head))
-    text = _dumps(head, ascii_only)
-    marker = _dumps(sentinel, ascii_only)
-    prefix, suffix = text[: text.index(marker)], text[text.index(marker) + len(marker):]
-    if ascii_only:  # rare (non-UTF-8 paths): the lengths are those of the escaped entries, so measure again
-        entry_bytes = sum(len(_dumps(shard_entry(s), True)) for p in load() for s in p["shards"])
-    total = len(prefix) + 2 + entry_bytes + max(totals.shards - 1, 0) + len(suffix)
 
-    # sizes.json and rejects.jsonl first, then the columns, index last: an index on disk means the set is complete.
-    atomic_write(out_dir / SIZES_NAME, (json.dumps(sizes, indent=1) + "\n").encode())
-    atomic_write(out_dir / REJECTS_NAME, b"".join(json_bytes(r) + b"\n" for r in rejects))
-    columns = _ColumnsWriter(out_dir, totals.shards, totals.samples, widths)
+    def head_of(build: dict[str, Any], totals: dict[str, Any] | None) -> dict[str, Any]:
+        return {"format": FORMAT_TAG, "version": FORMAT_VERSION, "name": build["name"], "options": build["options"],
+                "manifest": build["manifest"], "shards": sentinel, "totals": totals or {}}
+
+    def split(head: dict[str, Any], ascii_only: bool) -> tuple[bytes, bytes]:
+        text, marker = _dumps(head, ascii_only), _dumps(sentinel, ascii_only)
+        at = text.index(marker)
+        return text[:at] + b"[", b"]" + text[at + len(marker):]
+
+    spill = _Spill(out_dir)
     try:
+        build = None
+        totals, rejects, sizes, digests = _Totals(), [], {}, []
+        inputs = 0
+        utf8 = True
+        for part in load():
+            if build is None:
+                build = part["build"]
+                try:
+                    spill.json.write(split(head_of(build, None), False)[0])
+                except UnicodeEncodeError:
+                    utf8 = False
+            elif json.dumps(part["build"], sort_keys=True) != json.dumps(build, sort_keys=True):
+                raise AlproError(f"{out_dir}: partial indexes come from different builds; rebuild into a clean OUT_DIR")
+            for stats in part["shards"]:
+                totals.add(stats)
+                rejects.extend(stats["rejects"])
+                sizes[stats["file"]] = stats["num_samples"]
+                if not build["options"]["keep_duplicates"]:
+                    digests.append(_digests(stats["sha256"]))
+                entry = shard_entry(stats)
+                if utf8:
+                    try:
+                        spill.json.write((b"," if totals.shards > 1 else b"") + _dumps(entry, False))
+                    except UnicodeEncodeError:
+                        utf8 = False
+                spill.add(entry)
+            rejects.extend(part["rejects"])
+            inputs += part["inputs"]
+            del part
+        if build is None:
+            raise AlproError(f"{out_dir}: no partial indexes to merge")
+        rejects.sort(key=lambda r: r["row"])
+        # Each node dedups its own rows only, so a repeated source hash here is a duplicate across nodes.
+        cross_duplicates = 0 if build["options"]["keep_duplicates"] else _count_repeats(digests)
+        del digests
+        head = head_of(build, {**totals.as_dict(rejects, inputs), "cross_node_duplicates": cross_duplicates})
+        if utf8 and _utf8_ok(head):
+            spill.json.write(split(head, False)[1])
+        else:  # rare (non-UTF-8 paths): json_bytes escapes the whole index, so write it again, escaped
+            spill.json.seek(0)
+            spill.json.truncate()
+            prefix, suffix = split(head, True)
+            spill.json.write(prefix)
+            first = True
+            for part in load():
+                for stats in part["shards"]:
+                    spill.json.write((b"" if first else b",") + _dumps(shard_entry(stats), True))
+                    first = False
+            spill.json.write(suffix)
+        spill.close()
+
+        # sizes.json and rejects.jsonl first, then the columns, index last: an index on disk means the set is
+        # complete.
+        atomic_write(out_dir / SIZES_NAME, (json.dumps(sizes, indent=1) + "\n").encode())
+        atomic_write(out_dir / REJECTS_NAME, b"".join(json_bytes(r) + b"\n" for r in rejects))
         with atomic_path(out_dir / INDEX_NAME) as tmp:
-            with open(tmp, "wb") as f:
-                z = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).stream_writer(f, size=total, closefd=False)
-                z.write(prefix + b"[")
-                first = True
-                for part in load():
-                    for stats in part["shards"]:
-                        entry = shard_entry(stats)
-                        z.write((b"" if first else b",") + _dumps(entry, ascii_only))
-                        first = False
-                        columns.add(entry)
-                    del part
-                z.write(b"]" + suffix)
-                z.close()
-            columns.finish({"format": COLUMNS_TAG, "version": COLUMNS_VERSION, "shards": totals.shards,
-                            "samples": totals.samples, "index_bytes": os.path.getsize(tmp),
-                            "name": build["name"], "options": build["options"]})
-    except BaseException:
-        columns.abort()
-        raise
+            with open(spill.dir / "index.json", "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                compressed = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(m)
+            tmp.write_bytes(compressed)
+            index_bytes = len(compressed)
+            del compressed
+            columns = spill.columns(out_dir, {"format": COLUMNS_TAG, "version": COLUMNS_VERSION,
+                                              "shards": totals.shards, "samples": totals.samples,
+                                              "index_bytes": index_bytes, "name": build["name"],
+                                              "options": build["options"]})
+            try:
+                _place_columns(out_dir, columns)
+            except BaseException:
+                shutil.rmtree(columns, ignore_errors=True)
+                raise
+    finally:
+        spill.remove()
     return {k: v for k, v in head.items() if k != "shards"}
 
 
