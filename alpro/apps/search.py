@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from alpro.config import option, parse_command
@@ -43,14 +44,59 @@ def _load_model(run: Path, task: str = "retrieval"):
 # -------------------------------------------------------------------------------------------------- index
 
 
+FEAT_FILE, TOKENS_FILE, LEGACY_FILE = "video_feat.npy", "video_tokens.npy", "index.safetensors"
+"""An index directory: the normalised VTC features (float32 (N, E)) and the fusion encoder's video tokens
+(float16 (N, 1+P, D)) as ``.npy`` files written block by block and read memory-mapped; ``keys.json`` and
+``meta.json`` beside them. Indexes written before issue 16 hold both arrays in ``index.safetensors`` (read lazily)."""
+SEARCH_CHUNK = 65536
+"""Clips scored per block by search and classify (their features: SEARCH_CHUNK x E x 4 bytes)."""
+
+
+class _NpyRows:
+    """A ``.npy`` file written a block of rows at a time: its header has room for any row count and is fixed
+    when the file is closed, so no block stays in memory. Written to a temporary next to ``path`` and renamed."""
+
+    HEADER = 128
+
+    def __init__(self, stack, path: Path, dtype) -> None:
+        from alpro.fileio import atomic_path
+
+        self.tmp = stack.enter_context(atomic_path(path))
+        self.file = stack.enter_context(open(self.tmp, "wb"))
+        self.file.write(b"\0" * self.HEADER)
+        self.dtype, self.row_shape, self.n = np.dtype(dtype), None, 0
+
+    def append(self, rows: torch.Tensor) -> None:
+        block = rows.detach().cpu().numpy().astype(self.dtype, copy=False)
+        if self.row_shape is None:
+            self.row_shape = block.shape[1:]
+        self.file.write(np.ascontiguousarray(block).tobytes())
+        self.n += len(block)
+
+    def close(self) -> None:
+        shape = (self.n, *(self.row_shape or ()))
+        header = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+        header = header.encode("latin1")
+        pad = self.HEADER - 10 - len(header) - 1
+        if pad < 0:
+            raise AlproError(f"{self.tmp}: array shape {shape} too long for the header")
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + (self.HEADER - 10).to_bytes(2, "little") + header + b" " * pad + b"\n")
+        self.file.flush()
+
+
 @torch.no_grad()
 def build_index(shards: str, run: Path, out: Path, batch_size: int = 32, tokens: bool = True,
                 progress: bool = True) -> dict[str, Any]:
-    from safetensors.torch import save_file
+    """Embed every clip of ``shards`` and write the index directory ``out``. Features and tokens go to disk
+    batch by batch (memory: one batch, plus each clip's key and captions)."""
+    from contextlib import ExitStack
+
     from tqdm import tqdm
 
     from alpro.config import apply_overrides, from_dict, to_dict
     from alpro.data import build_eval_loader
+    from alpro.fileio import atomic_write
     from alpro.models.evaluation import embed_videos
     from alpro.train.config import RunConfig
 
@@ -59,49 +105,105 @@ def build_index(shards: str, run: Path, out: Path, batch_size: int = 32, tokens:
     data = apply_overrides(to_dict(cfg), ["--data.test.video", shards, "--data.eval_batch_size", str(batch_size)])
     cfg = from_dict(RunConfig, data)
     loader = build_eval_loader(cfg.data, "retrieval", tokenizer, 0, 1, split="test", seed=cfg.seed)
-    feats, toks, keys, captions = [], [], [], []
+    keys, captions = [], []
     t0 = time.perf_counter()
-    for batch in tqdm(loader, desc="indexing", unit="batch", disable=not progress):
-        keep = batch.valid if batch.valid is not None else torch.ones(len(batch), dtype=torch.bool)
-        idx = keep.nonzero().squeeze(1)
-        embeds, feat = embed_videos(model, batch.video[idx].to(device))
-        feats.append(feat.float().cpu())
-        if tokens:
-            toks.append(embeds.half().cpu())
-        keys += [batch.keys[i] for i in idx.tolist()]
-        captions += [batch.all_texts[i] if batch.all_texts else [] for i in idx.tolist()]
-    if not keys:
-        raise AlproError(f"{shards}: no clips to index")
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {"video_feat": torch.cat(feats)}
-    if tokens:
-        tensors["video_tokens"] = torch.cat(toks)
-    save_file(tensors, str(out / "index.safetensors"))
-    (out / "keys.json").write_text(json.dumps({"keys": keys, "captions": captions}))
+    with ExitStack() as stack:
+        feats = _NpyRows(stack, out / FEAT_FILE, np.float32)
+        toks = _NpyRows(stack, out / TOKENS_FILE, np.float16) if tokens else None
+        for batch in tqdm(loader, desc="indexing", unit="batch", disable=not progress):
+            keep = batch.valid if batch.valid is not None else torch.ones(len(batch), dtype=torch.bool)
+            idx = keep.nonzero().squeeze(1)
+            if not len(idx):
+                continue
+            embeds, feat = embed_videos(model, batch.video[idx].to(device))
+            feats.append(feat.float())
+            if toks is not None:
+                toks.append(embeds.half())
+            keys += [batch.keys[i] for i in idx.tolist()]
+            captions += [batch.all_texts[i] if batch.all_texts else [] for i in idx.tolist()]
+        if not keys:
+            raise AlproError(f"{shards}: no clips to index")
+        for writer in (feats, toks):
+            if writer is not None:
+                writer.close()
+    for stale in ((LEGACY_FILE,) if tokens else (LEGACY_FILE, TOKENS_FILE)):  # a former index in the same place
+        (out / stale).unlink(missing_ok=True)
+    atomic_write(out / "keys.json", json.dumps({"keys": keys, "captions": captions}))
     meta = {"run": str(Path(run).resolve()), "shards": shards, "num_clips": len(keys), "tokens": tokens,
             "frames": cfg.data.frames_for(train=False), "frame_size": cfg.data.frame_size,
             "seconds": time.perf_counter() - t0}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    atomic_write(out / "meta.json", json.dumps(meta, indent=1))
     return meta
 
 
-def _read_index(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class IndexArrays:
+    """An index's arrays without loading them: ``feat(lo, hi)`` float32 rows, ``tokens(ids)`` float32 rows of
+    the given clips (memory-mapped ``.npy``; a legacy ``index.safetensors`` through safetensors' lazy slices)."""
 
-    if not (path / "index.safetensors").is_file() or not (path / "meta.json").is_file():
+    def __init__(self, path: Path) -> None:
+        self._st = None
+        if (path / FEAT_FILE).is_file():
+            self._feat = np.load(path / FEAT_FILE, mmap_mode="r")
+            tok = path / TOKENS_FILE
+            self._tok = np.load(tok, mmap_mode="r") if tok.is_file() else None
+            if self._feat.ndim != 2 or (self._tok is not None and len(self._tok) != len(self._feat)):
+                raise ValueError(f"{FEAT_FILE} / {TOKENS_FILE} disagree or are not (N, E) / (N, T, D)")
+            self.n, self.has_tokens = len(self._feat), self._tok is not None
+        else:
+            from safetensors import safe_open
+
+            self._st = safe_open(str(path / LEGACY_FILE), framework="pt")
+            names = set(self._st.keys())
+            if "video_feat" not in names:
+                raise ValueError(f"{LEGACY_FILE} holds no video_feat")
+            self.n = self._st.get_slice("video_feat").get_shape()[0]
+            self.has_tokens = "video_tokens" in names
+
+    def __len__(self) -> int:
+        return self.n
+
+    def feat(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        hi = self.n if hi is None else min(hi, self.n)
+        if self._st is not None:
+            return self._st.get_slice("video_feat")[lo:hi].float()
+        return torch.from_numpy(np.array(self._feat[lo:hi], dtype=np.float32))
+
+    def tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._st is not None:
+            sl = self._st.get_slice("video_tokens")
+            return torch.stack([sl[i:i + 1][0] for i in ids.tolist()]).float()
+        return torch.from_numpy(np.array(self._tok[np.asarray(ids)], dtype=np.float32))
+
+
+def _read_index(path: Path) -> tuple[IndexArrays, dict[str, Any], dict[str, Any]]:
+    from safetensors import SafetensorError
+
+    if not ((path / FEAT_FILE).is_file() or (path / LEGACY_FILE).is_file()) or not (path / "meta.json").is_file():
         raise AlproError(f"{path}: not an index directory (run `alpro index` first)")
     try:
-        tensors = load_file(str(path / "index.safetensors"))
+        arrays = IndexArrays(path)
         keys, meta = json.loads((path / "keys.json").read_text()), json.loads((path / "meta.json").read_text())
         if not isinstance(meta, dict) or not isinstance(keys, dict):
             raise ValueError("keys.json / meta.json is not a JSON object")
-        if len(keys.get("keys", [])) != len(tensors.get("video_feat", [])):
-            raise ValueError(f"keys.json lists {len(keys.get('keys', []))} clips, index.safetensors holds "
-                             f"{len(tensors.get('video_feat', []))}")
+        if len(keys.get("keys", [])) != len(arrays):
+            raise ValueError(f"keys.json lists {len(keys.get('keys', []))} clips, the arrays hold {len(arrays)}")
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise AlproError(f"{path}: damaged index ({e})") from None
-    return tensors, keys, meta
+    return arrays, keys, meta
+
+
+def _top_cosines(arrays: IndexArrays, query: torch.Tensor, n: int, chunk: int = SEARCH_CHUNK
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` best (cosine, clip) of ``arrays.feat() @ query``, ``chunk`` clips at a time."""
+    best, where = torch.empty(0), torch.empty(0, dtype=torch.long)
+    for lo in range(0, len(arrays), chunk):
+        cos = arrays.feat(lo, lo + chunk) @ query
+        best = torch.cat([best, cos])
+        where = torch.cat([where, torch.arange(lo, lo + len(cos))])
+        best, at = best.topk(min(n, len(best)))
+        where = where[at]
+    return best, where
 
 
 # ------------------------------------------------------------------------------------------------- search
@@ -109,22 +211,22 @@ def _read_index(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], di
 
 @torch.no_grad()
 def search(query: str, index_dir: Path, top_k: int = 10, rerank: int = 32) -> list[dict[str, Any]]:
-    """Ranked hits ``{rank, key, score, cosine, vtm_logit, caption}`` for a text query."""
+    """Ranked hits ``{rank, key, score, cosine, vtm_logit, caption}`` for a text query. Reads the index's
+    features a block at a time and the tokens of the re-ranked candidates only."""
     from alpro.data.text import encode
     from alpro.models.evaluation import embed_texts
 
-    tensors, keys, meta = _read_index(index_dir)
+    arrays, keys, meta = _read_index(index_dir)
     model, tokenizer, cfg, _ = _load_model(Path(meta["run"]))
     device = next(model.parameters()).device
     ids, mask = encode(tokenizer, [query], cfg.data.max_text_len)
     text_embeds, text_feat = embed_texts(model, ids.to(device), mask.to(device))
-    cosine = tensors["video_feat"] @ text_feat.float().cpu()[0]  # (N,)
-    n = min(max(rerank, top_k), len(cosine))
-    cand_cos, cand = cosine.topk(n)
+    n = min(max(rerank, top_k), len(arrays))
+    cand_cos, cand = _top_cosines(arrays, text_feat.float().cpu()[0], n)
     vtm = torch.full((n,), float("nan"))
     score = cand_cos.clone()
-    if "video_tokens" in tensors and getattr(model, "vtm_head", None) is not None and rerank > 0:
-        videos = tensors["video_tokens"][cand].to(device=device, dtype=torch.float32)
+    if arrays.has_tokens and getattr(model, "vtm_head", None) is not None and rerank > 0:
+        videos = arrays.tokens(cand).to(device=device, dtype=torch.float32)
         logits = model.vtm_logits(text_embeds.expand(n, -1, -1), mask.to(device).expand(n, -1), videos)
         vtm = logits[:, 1].float().cpu()
         score = vtm + cand_cos  # LAVIS: match logit + cosine
@@ -207,7 +309,7 @@ def classify(index_dir: Path, labels: list[str], top: int = 3) -> list[dict[str,
     from alpro.data.text import encode
     from alpro.models.evaluation import embed_texts
 
-    tensors, keys, meta = _read_index(index_dir)
+    arrays, keys, meta = _read_index(index_dir)
     model, tokenizer, cfg, _ = _load_model(Path(meta["run"]))
     device = next(model.parameters()).device
     label_feats = []
@@ -216,8 +318,13 @@ def classify(index_dir: Path, labels: list[str], top: int = 3) -> list[dict[str,
         ids, mask = encode(tokenizer, prompts, cfg.model.prompt_max_length)
         _, feat = embed_texts(model, ids.to(device), mask.to(device))
         label_feats.append(feat.float().mean(0).cpu())  # (E,) averaged, not re-normalised (as the prompter)
-    scores = tensors["video_feat"] @ torch.stack(label_feats).t()  # (N, labels)
-    values, idx = scores.topk(min(top, len(labels)), dim=1)
+    values, idx = [], []
+    labels_t = torch.stack(label_feats).t()
+    for lo in range(0, len(arrays), SEARCH_CHUNK):  # (chunk, labels) at a time
+        v, i = (arrays.feat(lo, lo + SEARCH_CHUNK) @ labels_t).topk(min(top, len(labels)), dim=1)
+        values.append(v)
+        idx.append(i)
+    values, idx = torch.cat(values), torch.cat(idx)
     return [{"key": k, "labels": [labels[i] for i in row.tolist()], "scores": [round(float(v), 4) for v in vals]}
             for k, row, vals in zip(keys["keys"], idx, values)]
 
