@@ -676,14 +676,16 @@ def _plan(stream: ManifestStream, opts: ShardOptions) -> _Plan:
     for row in _selected(stream.rows(), opts):
         hashes.append(hash(sanitize_key(row.id)))
     h = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
-    order = np.argsort(h, kind="stable")
-    ordered = h[order]
-    same = ordered[1:] == ordered[:-1]
-    mask = np.zeros(len(h), dtype=bool)
-    mask[1:] |= same
-    mask[:-1] |= same
-    repeated = frozenset(order[mask].tolist())
-    return _Plan(stream=stream, rows=len(h), repeated=repeated)
+    ordered = np.sort(h)  # 8 more bytes a row, for the time of this function
+    twice = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # hash values that repeat (few)
+    del ordered
+    repeated: set[int] = set()
+    if len(twice):
+        for a in range(0, len(h), 1 << 20):  # in chunks: no index array as long as the manifest
+            chunk = h[a:a + (1 << 20)]
+            pos = np.minimum(np.searchsorted(twice, chunk), len(twice) - 1)
+            repeated.update((np.flatnonzero(twice[pos] == chunk) + a).tolist())
+    return _Plan(stream=stream, rows=len(h), repeated=frozenset(repeated))
 
 
 def _items(plan: _Plan, opts: ShardOptions, start: int, stop: int) -> Iterator[_Item]:
@@ -1036,7 +1038,7 @@ def _main(argv: list[str]) -> int:
     if summary.reject_ratio > ratio_limit:
         print(f"alpro shard: {summary.rejected}/{summary.inputs} inputs rejected "
               f"({100 * summary.reject_ratio:.1f} % > --max-reject-ratio {ratio_limit}); "
-              f"written shards are kept, see {Path(args.out_dir) / REJECTS_NAME}", file=sys.stderr)
+              f"written shards are kept, see {url_join(args.out_dir, REJECTS_NAME) if is_url(args.out_dir) else Path(args.out_dir) / REJECTS_NAME}", file=sys.stderr)
         return 1
     return 0
 
