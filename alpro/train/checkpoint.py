@@ -148,8 +148,8 @@ def restricted_unpickling() -> Iterator[None]:
 
 
 def _refused_global(message: str) -> str | None:
-    m = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)|module (\S+) is blocked",
-                  message)
+    m = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+) "
+                  r"whose module|module (\S+) is blocked", message)
     return next((g for g in m.groups() if g), None) if m else None
 
 

@@ -10,6 +10,9 @@ modules when (and only when) they are imported, driven by environment variables:
   manifest that complete it (the first ``_write_json`` into ``.tmp-step-STEP``), i.e. a kill mid-save.
 - ``ALPRO_FAULT_KILL_AFTER_SAVE=STEP``: SIGKILL right after ``CheckpointManager.save`` returned for STEP
   (complete on disk): a deterministic ``kill -9``, unlike racing a fast run from outside.
+- ``ALPRO_FAULT_RECORD=DIR``: not a fault, a probe: every micro-batch's sample keys, texts and loss, per rank,
+  appended to ``DIR/rank<R>.jsonl`` as ``{"step", "keys", "texts"}`` and ``{"step", "loss"}`` lines (``step``
+  1-based, in the order the trainer draws and checks them).
 
 An import hook (not an eager import) keeps processes that never import the trainer (torchrun's launcher, the
 sharder) unchanged.
@@ -31,6 +34,9 @@ def _kill() -> None:
 
 
 def _patch_trainer(module) -> None:
+    record = os.environ.get("ALPRO_FAULT_RECORD")
+    if record:
+        _patch_record(module, record)
     spec = os.environ.get("ALPRO_FAULT_NAN")
     if not spec:
         return
@@ -47,6 +53,31 @@ def _patch_trainer(module) -> None:
         return original(self, out)
 
     module.Trainer._nonfinite = nonfinite
+
+
+def _patch_record(module, folder: str) -> None:
+    import json
+
+    batches, nonfinite = module.Trainer._batches, module.Trainer._nonfinite
+
+    def append(trainer, row: dict) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{trainer.rank}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    @functools.wraps(batches)
+    def recording_batches(self):
+        for batch in batches(self):
+            append(self, {"step": self.step + 1, "keys": list(batch.keys), "texts": list(batch.texts)})
+            yield batch
+
+    @functools.wraps(nonfinite)
+    def recording_nonfinite(self, out):
+        append(self, {"step": self.step + 1, "loss": float(out["loss"].detach())})
+        return nonfinite(self, out)
+
+    module.Trainer._batches = recording_batches
+    module.Trainer._nonfinite = recording_nonfinite
 
 
 def _patch_checkpoint(module) -> None:
@@ -100,5 +131,6 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return None
 
 
-if any(os.environ.get(k) for k in ("ALPRO_FAULT_NAN", "ALPRO_FAULT_KILL_IN_SAVE", "ALPRO_FAULT_KILL_AFTER_SAVE")):
+if any(os.environ.get(k) for k in ("ALPRO_FAULT_NAN", "ALPRO_FAULT_KILL_IN_SAVE", "ALPRO_FAULT_KILL_AFTER_SAVE",
+                                   "ALPRO_FAULT_RECORD")):
     sys.meta_path.insert(0, _PatchOnImport())
