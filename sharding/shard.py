@@ -662,30 +662,53 @@ def _selected(rows: Iterator[ManifestRow], opts: ShardOptions) -> Iterator[Manif
 
 @dataclass
 class _Plan:
-    """What the first pass over the manifest learns, in 8 bytes per row at its peak and O(repeats) after:
-    the number of selected rows and which of them share a key hash with another row (duplicate-id candidates,
-    confirmed by the keys themselves on the second pass)."""
+    """What the first pass over the manifest learns: the number of selected rows, and the rows whose key hash
+    equals that of one of this node's rows at least twice among the rows up to the node's end (the duplicate-id
+    candidates, confirmed by the keys themselves on the second pass; in practice only repeated ids)."""
 
     stream: ManifestStream
     rows: int
     repeated: frozenset[int]
 
 
+_CHUNK = 1 << 20  # rows of key hashes read back at a time
+
+
 def _plan(stream: ManifestStream, opts: ShardOptions) -> _Plan:
-    hashes = array("q")
-    for row in _selected(stream.rows(), opts):
-        hashes.append(hash(sanitize_key(row.id)))
-    h = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
-    ordered = np.sort(h)  # 8 more bytes a row, for the time of this function
-    twice = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])  # hash values that repeat (few)
-    del ordered
-    repeated: set[int] = set()
-    if len(twice):
-        for a in range(0, len(h), 1 << 20):  # in chunks: no index array as long as the manifest
-            chunk = h[a:a + (1 << 20)]
+    """The first pass. Every selected row's 8-byte key hash goes to a temporary file, not memory; then only the
+    node's own hashes are held (sorted, with a count each), and the file is read back in chunks to count and find
+    the rows that share them. Memory: 16 bytes per row the node owns, whatever the manifest's length."""
+    with tempfile.TemporaryFile(prefix="alpro-shard-keys-") as f:
+        buf, n = array("q"), 0
+        for row in _selected(stream.rows(), opts):
+            buf.append(hash(sanitize_key(row.id)))
+            if len(buf) == _CHUNK:
+                buf.tofile(f)
+                n, buf = n + len(buf), array("q")
+        buf.tofile(f)
+        n += len(buf)
+        del buf
+        f.flush()
+
+        def read(a: int, b: int) -> np.ndarray:
+            f.seek(8 * a)
+            return np.fromfile(f, dtype=np.int64, count=b - a)
+
+        lo, hi = n * opts.node_rank // opts.num_nodes, n * (opts.node_rank + 1) // opts.num_nodes
+        own = np.unique(read(lo, hi))  # sorted
+        counts = np.zeros(len(own), dtype=np.int64)
+        for a in range(0, hi if len(own) else 0, _CHUNK):
+            chunk = read(a, min(hi, a + _CHUNK))
+            pos = np.minimum(np.searchsorted(own, chunk), len(own) - 1)
+            counts += np.bincount(pos[own[pos] == chunk], minlength=len(own))
+        twice = own[counts >= 2]
+        del own, counts
+        repeated: set[int] = set()
+        for a in range(0, hi if len(twice) else 0, _CHUNK):
+            chunk = read(a, min(hi, a + _CHUNK))
             pos = np.minimum(np.searchsorted(twice, chunk), len(twice) - 1)
             repeated.update((np.flatnonzero(twice[pos] == chunk) + a).tolist())
-    return _Plan(stream=stream, rows=len(h), repeated=frozenset(repeated))
+    return _Plan(stream=stream, rows=n, repeated=frozenset(repeated))
 
 
 def _items(plan: _Plan, opts: ShardOptions, start: int, stop: int) -> Iterator[_Item]:

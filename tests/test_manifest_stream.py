@@ -102,3 +102,8 @@ def test_plan_and_items_decide_duplicate_ids_like_the_whole_list(tmp_path, monke
         assert [i.index for i in items] == list(range(lo, hi))
         assert [i.row for i in items] == selected[lo:hi]
         assert [i.pre_reject for i in items] == want[lo:hi]
+    for rank in range(3):  # a node's plan holds its own rows' hashes only, and decides as the whole list does
+        node = ShardOptions(split=split, limit=30, num_nodes=3, node_rank=rank)
+        plan = _plan(stream_manifest(m), node)
+        lo, hi = plan.rows * rank // 3, plan.rows * (rank + 1) // 3
+        assert [i.pre_reject for i in _items(plan, node, lo, hi)] == want[lo:hi]
