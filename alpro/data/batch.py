@@ -8,6 +8,7 @@ normalised with the CLIP mean/std. Images arrive as static clips: the frame tile
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -61,6 +62,18 @@ class Batch:
             if torch.is_tensor(getattr(self, f.name))
         }
         return dataclasses.replace(self, **changes)
+
+
+def batch_tensor(shape: tuple[int, ...], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty batch tensor. In a DataLoader worker a CPU tensor is allocated in shared memory right away, as
+    torch's own collate does: sending it to the main process then passes a handle instead of copying the
+    whole batch into a new shared segment first."""
+    if torch.device(device).type == "cpu" and torch.utils.data.get_worker_info() is not None:
+        numel = math.prod(shape)
+        storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+        return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def pin_batch(batch: Batch) -> Batch:

@@ -48,13 +48,14 @@ def patch_mask(boxes: torch.Tensor, height: int, width: int, patch: int) -> torc
 
 def crop_video(video: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(B, C, T, H, W) normalised video -> the same with every pixel outside its box set to the normalised value
-    of a 0 pixel (-mean/std), as the original zeroed [0, 255] frames before normalising."""
-    b, _, _, h, w = video.shape
-    ys = torch.arange(h, device=video.device)
-    xs = torch.arange(w, device=video.device)
-    boxes = boxes.to(video.device)
-    top, left, bh, bw = (boxes[:, i, None] for i in range(4))  # each (B, 1)
-    inside = ((ys >= top) & (ys < top + bh))[:, :, None] & ((xs >= left) & (xs < left + bw))[:, None, :]
-    inside = inside.view(b, 1, 1, h, w)
+    of a 0 pixel (-mean/std), as the original zeroed [0, 255] frames before normalising.
+
+    Built as a fill plus one copy of each box (the values ``torch.where`` over the whole batch would select),
+    which costs a fraction of a masked select in the consumer process."""
     zero = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).to(video).view(1, 3, 1, 1, 1)
-    return torch.where(inside, video, zero)
+    out = torch.empty_like(video, memory_format=torch.contiguous_format)
+    out.copy_(zero.expand_as(out))
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        y0, y1, x0, x1 = max(top, 0), max(top + h, 0), max(left, 0), max(left + w, 0)
+        out[i, :, :, y0:y1, x0:x1] = video[i, :, :, y0:y1, x0:x1]
+    return out

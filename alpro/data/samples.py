@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alpro.data.batch import Batch
+from alpro.data.batch import Batch, batch_tensor
 from alpro.data.config import DataConfig
 from alpro.data.decode import VideoMeta, decode_picture, decode_video, meta_from_json, probe
 from alpro.data.meta import meta_problem
@@ -303,9 +303,12 @@ class BatchBuilder:
         t, s = self.items.num_frames, cfg.frame_size
         ref = next((p for p in pixels if p is not None), None)
         device = ref.device if ref is not None else torch.device("cpu")
-        zeros = torch.zeros(t, 3, s, s, device=device)
-        video = torch.stack([p if p is not None else zeros for p in pixels])  # (B, T, C, H, W)
-        video = video.permute(0, 2, 1, 3, 4).contiguous()  # (B, C, T, H, W)
+        video = batch_tensor((len(pixels), 3, t, s, s), device)  # (B, C, T, H, W), one copy of each clip
+        for i, p in enumerate(pixels):
+            if p is None:
+                video[i].zero_()
+            else:
+                video[i].copy_(p.transpose(0, 1))  # (T, C, H, W) -> (C, T, H, W)
         texts = [p.text if p is not None else "" for p in prepared]
         input_ids, attention_mask = encode(self.tokenizer, texts, self.max_len)
         stats.items += sum(p is not None for p in prepared)

@@ -49,7 +49,7 @@ class ImageParams:
 
 def normalize(frames: torch.Tensor) -> torch.Tensor:
     """[0, 255] float (..., 3, H, W) -> CLIP-normalised, as the original's ImageNorm after /255."""
-    return (frames - _MEAN.to(frames.device)) / _STD.to(frames.device)
+    return frames.sub(_MEAN.to(frames.device)).div_(_STD.to(frames.device))  # one new tensor, same two ops
 
 
 # ------------------------------------------------------------------------------------------------ RandAugment
@@ -59,20 +59,37 @@ def _enhance_factor(magnitude: float) -> float:
     return magnitude / _MAX_LEVEL * 1.8 + 0.1
 
 
+_GRIDS: dict[tuple, torch.Tensor] = {}
+
+
+def _grid(forward: np.ndarray, h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (1, H, W, 2) sampling grid of ``forward``, built once per (matrix, size, dtype, device): the ops'
+    matrices are fixed by the magnitude, so a worker builds a handful of grids and reuses them for every clip
+    (building one costs about as much as the grid_sample it feeds)."""
+    key = (forward.tobytes(), h, w, dtype, str(device))
+    grid = _GRIDS.get(key)
+    if grid is None:
+        full = np.vstack([forward, [0.0, 0.0, 1.0]])
+        inv = torch.tensor(np.linalg.inv(full)[:2], dtype=torch.float64, device=device)  # (2, 3)
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=device),
+                                torch.arange(w, dtype=torch.float64, device=device), indexing="ij")
+        pts = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (H, W, 3) homogeneous output pixels
+        src = pts @ inv.T  # (H, W, 2) source pixel coordinates (x, y); float64 keeps integer shifts exact
+        grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
+        grid = grid.to(dtype).unsqueeze(0)
+        if len(_GRIDS) >= 64:
+            _GRIDS.clear()
+        _GRIDS[key] = grid
+    return grid
+
+
 def _warp(frames: torch.Tensor, forward: np.ndarray) -> torch.Tensor:
     """cv2.warpAffine(frames, forward, borderValue=128) for (T, C, H, W): dst(p) = src(forward^-1 p), bilinear,
     pixel centres at integer coordinates."""
     t, c, h, w = frames.shape
-    full = np.vstack([forward, [0.0, 0.0, 1.0]])
-    inv = torch.tensor(np.linalg.inv(full)[:2], dtype=torch.float64, device=frames.device)  # (2, 3)
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64, device=frames.device),
-                            torch.arange(w, dtype=torch.float64, device=frames.device), indexing="ij")
-    pts = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # (H, W, 3) homogeneous output pixels
-    src = pts @ inv.T  # (H, W, 2) source pixel coordinates (x, y); float64 keeps integer shifts exact
-    grid = torch.stack([2 * src[..., 0] / max(w - 1, 1) - 1, 2 * src[..., 1] / max(h - 1, 1) - 1], dim=-1)
-    grid = grid.to(frames.dtype).unsqueeze(0).expand(t, h, w, 2)
+    grid = _grid(forward, h, w, frames.dtype, frames.device).expand(t, h, w, 2)
     out = F.grid_sample(frames - _FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return out + _FILL
+    return out.add_(_FILL)
 
 
 def _rotation(degrees: float, h: int, w: int) -> np.ndarray:
@@ -168,10 +185,14 @@ class ClipTransform:
 
     def apply(self, frames: torch.Tensor, params: ClipParams) -> torch.Tensor:
         """(T, C, resize, resize) uint8 or float [0, 255] -> (T, C, S, S) float32 CLIP-normalised."""
-        frames = frames.float()
+        # Crop first: only the kept pixels are converted (the same values). A non-contiguous input (DALI's
+        # channels-last frames) keeps the old order so that every op sees the memory layout it always saw.
+        if not frames.is_contiguous():
+            frames = frames.float()
         if params.crop is not None:
             top, left = params.crop
             frames = frames[..., top : top + self.frame_size, left : left + self.frame_size]
+        frames = frames.float()
         for name in params.ops:
             frames = apply_op(frames, name, self.magnitude, self.frame_size)
         return normalize(frames)
