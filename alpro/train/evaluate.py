@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from alpro.config import parse_command_overrides
-from alpro.dist import all_gather_objects, get_rank
+from alpro.dist import all_gather_objects, get_rank, get_world_size
 from alpro.errors import AlproError
 from alpro.fileio import atomic_write, read_json
 
@@ -146,56 +146,50 @@ def sharded_embeddings(local: list[dict[str, Any]]) -> ShardedEmbeddings:
 
 
 FETCH_BYTES = 64 << 20
-"""Candidate tokens a rank fetches per re-ranking round (the union over ranks arrives: <= world x this)."""
-
-
-def _fetch(wanted: torch.Tensor, local: tuple[torch.Tensor, ...], lo: int) -> tuple[torch.Tensor, ...]:
-    """Rows ``wanted`` (sorted unique global ids) of a table split over ranks (this rank holds ``local`` rows
-    ``lo, lo+1, ...``): the ranks say which rows they want, and each serves the asked rows it owns. Collective:
-    every rank calls it the same number of times."""
-    n = local[0].shape[0]
-    mine = (wanted >= lo) & (wanted < lo + n)
-    asked = torch.cat([r for r in all_gather_objects(wanted[~mine])])
-    serve = torch.unique(asked[(asked >= lo) & (asked < lo + n)])
-    served = all_gather_objects((serve, tuple(t[serve - lo] for t in local)))
-    out = tuple(torch.empty((len(wanted), *t.shape[1:]), dtype=t.dtype) for t in local)
-    for o, t in zip(out, local):
-        o[mine] = t[wanted[mine] - lo]
-    for ids, rows in served:
-        hit = torch.isin(wanted, ids) & ~mine
-        if hit.any():
-            at = torch.searchsorted(ids, wanted[hit])
-            for o, r in zip(out, rows):
-                o[hit] = r[at]
-    return out
+"""Query tokens all ranks together send per re-ranking round (each rank ``FETCH_BYTES / world``, >= one row)."""
 
 
 @torch.no_grad()
 def _rerank(model, se: ShardedEmbeddings, top_sim: torch.Tensor, top_idx: torch.Tensor, video_rows: bool,
             batch_size: int, progress: bool, fetch_bytes: int = FETCH_BYTES) -> torch.Tensor:
-    """VTM logit + cosine of this rank's rows' top-k pairs (LAVIS's re-ranking), each row's pairs in one
-    :func:`vtm_pair_logits` call as the dense path; the candidates' tokens are fetched round by round."""
+    """VTM logit + cosine of this rank's rows' top-k pairs (LAVIS's re-ranking). Round by round every rank
+    sends its rows' tokens with their candidates; the owner of a candidate scores the pairs it holds (a row's
+    pairs in one :func:`vtm_pair_logits` call, in top-k order, as the dense path) and the logits come back. So
+    only query tokens travel (one row, not k candidates, per query) and no rank holds another's keys."""
     from alpro.models.evaluation import RetrievalEmbeddings, _progress, vtm_pair_logits
 
     n, k = top_idx.shape
-    keys = (se.text_embeds, se.text_mask) if video_rows else (se.video_embeds,)
-    row_bytes = sum(t[0].numel() * t.element_size() for t in keys) if len(keys[0]) else 1
-    per_round = max(1, fetch_bytes // max(1, k * row_bytes))
+    world = get_world_size()
+    query = (se.video_embeds,) if video_rows else (se.text_embeds, se.text_mask)
+    key_lo, key_n = (se.text_lo, len(se.text_embeds)) if video_rows else (se.video_lo, len(se.video_embeds))
+    row_bytes = sum(t[0].numel() * t.element_size() for t in query) if n else 1
+    per_round = max(1, fetch_bytes // max(1, row_bytes * world))
     rounds = max(all_gather_objects(-(-n // per_round)))
     scores = torch.empty(n, k)
-    desc = "v2t re-rank" if video_rows else "t2v re-rank"
-    for r in _progress(range(rounds), progress, desc):
-        rows = range(r * per_round, min(n, (r + 1) * per_round))
-        wanted = torch.unique(top_idx[rows.start:rows.stop].flatten())
-        got = _fetch(wanted, keys, se.text_lo if video_rows else se.video_lo)
-        if video_rows:
-            emb = RetrievalEmbeddings(se.video_embeds, se.video_feat, got[0], got[1], se.text_feat)
-        else:
-            emb = RetrievalEmbeddings(got[0], se.video_feat, se.text_embeds, se.text_mask, se.text_feat)
-        for i in rows:
-            cand, own = torch.searchsorted(wanted, top_idx[i]), torch.full((k,), i)
-            t_idx, v_idx = (cand, own) if video_rows else (own, cand)
-            scores[i] = vtm_pair_logits(model, emb, t_idx, v_idx, batch_size)[:, 1].cpu() + top_sim[i]
+    for r in _progress(range(rounds), progress, "v2t re-rank" if video_rows else "t2v re-rank"):
+        lo, hi = min(n, r * per_round), min(n, (r + 1) * per_round)
+        sent = all_gather_objects((tuple(t[lo:hi] for t in query), top_idx[lo:hi]))
+        replies = []
+        for q_tok, cands in sent:  # score the pairs whose candidate this rank holds
+            logits = torch.full(cands.shape, float("nan"))
+            for i in range(len(cands)):
+                mine = (cands[i] >= key_lo) & (cands[i] < key_lo + key_n)
+                if not mine.any():
+                    continue
+                keys, own = cands[i][mine] - key_lo, torch.full((int(mine.sum()),), i)
+                if video_rows:
+                    emb = RetrievalEmbeddings(q_tok[0], se.video_feat, se.text_embeds, se.text_mask, se.text_feat)
+                    t_idx, v_idx = keys, own
+                else:
+                    emb = RetrievalEmbeddings(se.video_embeds, se.video_feat, q_tok[0], q_tok[1], se.text_feat)
+                    t_idx, v_idx = own, keys
+                logits[i, mine] = vtm_pair_logits(model, emb, t_idx, v_idx, batch_size)[:, 1].cpu()
+            replies.append(logits)
+        match = torch.full((hi - lo, k), float("nan"))
+        for owner_replies in all_gather_objects(replies):
+            got = owner_replies[get_rank()]
+            match = torch.where(torch.isnan(got), match, got)
+        scores[lo:hi] = match + top_sim[lo:hi]
     return scores
 
 
