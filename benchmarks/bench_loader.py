@@ -21,7 +21,12 @@ frames, the pre-training default) in one process on one core, so clips/s is clip
 - ``dali_cpu_vp9``: the same loader with ``decoder: dali`` on the VP9 shards, one DALI thread.
 - ``decode_only_copy``, ``decode_only_transcoded``: the limit: bare PyAV decoding exactly the GOPs the sampled
   frames need (seek to the keyframe before a target unless decoding on reaches it), no RGB, no pipeline.
-- ``pyav_transcoded_2w``: the loader with 2 DataLoader workers (clips/s of the whole machine, for scaling).
+- ``pyav_transcoded_1w``, ``pyav_transcoded_2w``: the loader with 1 and 2 DataLoader workers (clips/s of the
+  whole machine, for scaling; torch one thread in the main process and in each worker).
+
+The two throughput ratios of issue 12.5 are printed last: ``2 workers / 1 worker`` (goal >= 1.7 on 2 cores) and
+``loader / bare decoding`` = (b) ``pyav_transcoded`` / (d) ``decode_only_transcoded`` (goal >= 0.8), with the
+load average before and after the run (the ratios mean little on a machine that is busy with other work).
 
 Configurations are interleaved per repeat and the median is reported. Results: ``results/bench_loader.json``
 and ``results/bench_loader.csv`` with the machine, versions and load average.
@@ -33,6 +38,7 @@ import argparse
 import csv
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -77,15 +83,34 @@ def data_config(shards: Path, decoder: str = "pyav", workers: int = 0) -> DataCo
                                   "shuffle_block": 0})
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(this process, its live child processes -- the DataLoader workers) CPU seconds, user + system. CPU time
+    per clip does not depend on how busy the machine is, so it predicts the quiet machine's ratios on a shared
+    one (see ``cpu_estimates``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    children = 0.0
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return time.process_time(), children
+
+
 def run_loader(cfg: DataConfig, tokenizer, passes: int) -> tuple[float, int, dict]:
     """Steady state: one untimed pass (starts workers / the DALI pipeline), then ``passes`` timed passes over
     the same clips (later epochs: other frame draws of the same sampler)."""
     loader = build_train_loader(cfg, "pretrain", tokenizer, rank=0, world_size=1, seed=0)
     sum(len(batch) for batch in loader)
     loader.metrics()  # reset the window
-    t0 = time.perf_counter()
+    (main0, workers0), t0 = cpu_seconds(), time.perf_counter()
     clips = sum(len(batch) for _ in range(passes) for batch in loader)
-    return time.perf_counter() - t0, clips, loader.metrics()
+    seconds, (main1, workers1) = time.perf_counter() - t0, cpu_seconds()
+    metrics = loader.metrics()
+    loader.close()
+    metrics.update(main_cpu_s=main1 - main0, workers_cpu_s=workers1 - workers0)
+    return seconds, clips, metrics
 
 
 def run_decord(clips: list[Path], plan: dict[str, list[int]], params: dict[str, ClipParams],
@@ -132,10 +157,24 @@ def run_decode_only(shards: Path, plan: dict[str, list[int]], passes: int) -> tu
         key, members = reader.sample(*shardset.locate(gid))
         meta = meta_from_json(read_meta(members))
         clips.append((members["mp4"], meta, plan[key]))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     decoded = sum(gop_decode(data, m.keyframes, m.start_pts, m.pts_per_frame, idx)
                   for _ in range(passes) for data, m, idx in clips)
-    return time.perf_counter() - t0, len(clips) * passes, decoded
+    return time.perf_counter() - t0, len(clips) * passes, {"decoded": decoded, "main_cpu_s": time.process_time() - c0}
+
+
+def cpu_estimates(cpu: dict[str, tuple[float | None, float | None]]) -> dict[str, float | None]:
+    """The two ratios a quiet 2-core machine would show, from CPU ms per clip (main process, workers):
+    bare decoding over the in-process loader; and 2 workers over 1 when nothing but CPU time limits them:
+    1 worker delivers 1 / max(worker, main) clips per ms, 2 workers min(2 / (main + workers), 1 / main)."""
+    out: dict[str, float | None] = {"pyav_transcoded_over_decode_only": None, "two_workers_over_one_worker": None}
+    if cpu.get("pyav_transcoded", (None,))[0] and cpu.get("decode_only_transcoded", (None,))[0]:
+        out["pyav_transcoded_over_decode_only"] = round(cpu["decode_only_transcoded"][0] / cpu["pyav_transcoded"][0],
+                                                        2)
+    (m1, w1), (m2, w2) = cpu.get("pyav_transcoded_1w", (None, None)), cpu.get("pyav_transcoded_2w", (None, None))
+    if m1 and w1 and m2 and w2:
+        out["two_workers_over_one_worker"] = round(min(2 / (m2 + w2), 1 / m2) * max(w1, m1), 2)
+    return out
 
 
 def machine() -> dict:
@@ -155,9 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=3, help="timed passes over the clips per configuration and repeat")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_loader"))
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--skip-workers", action="store_true", help="skip the 2-worker run")
+    p.add_argument("--skip-workers", action="store_true", help="skip the 1- and 2-worker runs")
+    p.add_argument("--configs", default="", help="comma-separated subset of configurations to run (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    load_before = os.getloadavg()
     clips, shards = prepare(args.work, args.clips, args.seconds)
     tokenizer = build_tokenizer(train_texts=[f"a panning view {c.stem}" for c in clips])
 
@@ -179,35 +220,55 @@ def main(argv: list[str] | None = None) -> int:
         "decode_only_transcoded": lambda: run_decode_only(shards["transcoded"], plan, n),
     }
     if not args.skip_workers:
-        configs["pyav_transcoded_2w"] = lambda: run_loader(data_config(shards["transcoded"], workers=2), tokenizer,
-                                                           n)
+        for w in (1, 2):
+            configs[f"pyav_transcoded_{w}w"] = (lambda w=w: run_loader(data_config(shards["transcoded"], workers=w),
+                                                                       tokenizer, n))
+    if args.configs:
+        wanted = args.configs.split(",")
+        unknown = sorted(set(wanted) - set(configs))
+        if unknown:
+            raise SystemExit(f"unknown configurations {unknown}; known: {sorted(configs)}")
+        configs = {name: fn for name, fn in configs.items() if name in wanted}
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for r in range(args.repeats):
         for name, fn in configs.items():
             seconds, count, extra = fn()
             row = {"seconds": seconds, "clips": count, "clips_per_s": count / seconds}
-            if isinstance(extra, dict):
+            if isinstance(extra, dict) and "decoded" in extra:
+                row["decoded_per_delivered"] = extra["decoded"] / (4 * count)
+            elif isinstance(extra, dict):
                 row["decoded_per_delivered"] = extra["decoded_per_delivered"]
-            elif isinstance(extra, int):
-                row["decoded_per_delivered"] = extra / (4 * count)
+            if isinstance(extra, dict):
+                row["main_cpu_ms_per_clip"] = 1000 * extra["main_cpu_s"] / count
+                row["workers_cpu_ms_per_clip"] = 1000 * extra.get("workers_cpu_s", 0.0) / count
             runs[name].append(row)
+            cpu = (f", CPU ms/clip: main {row['main_cpu_ms_per_clip']:.1f} workers {row['workers_cpu_ms_per_clip']:.1f}"
+                   if "main_cpu_ms_per_clip" in row else "")
             print(f"repeat {r + 1}/{args.repeats} {name:24s} {row['clips_per_s']:7.2f} clips/s "
-                  f"({count} clips, {seconds:.2f} s)", flush=True)
+                  f"({count} clips, {seconds:.2f} s{cpu})", flush=True)
 
     rows = []
     for name, rs in runs.items():
         rates = [x["clips_per_s"] for x in rs]
         ratio = [x["decoded_per_delivered"] for x in rs if "decoded_per_delivered" in x]
-        rows.append({"config": name, "clips_per_s": round(statistics.median(rates), 3),
-                     "runs": [round(x, 3) for x in rates],
-                     "decoded_per_delivered": round(statistics.median(ratio), 3) if ratio else None})
+        row = {"config": name, "clips_per_s": round(statistics.median(rates), 3), "runs": [round(x, 3) for x in rates],
+               "decoded_per_delivered": round(statistics.median(ratio), 3) if ratio else None}
+        for key in ("main_cpu_ms_per_clip", "workers_cpu_ms_per_clip"):
+            if any(key in x for x in rs):
+                row[key] = round(statistics.median(x[key] for x in rs), 2)
+        rows.append(row)
     by = {r["config"]: r["clips_per_s"] for r in rows}
+    ratio_of = lambda a, b: round(by[a] / by[b], 2) if a in by and b in by else None  # noqa: E731
     goals = {
-        "pyav_transcoded_over_decord_raw": round(by["pyav_transcoded"] / by["decord_raw"], 2),
-        "pyav_transcoded_over_decode_only": round(by["pyav_transcoded"] / by["decode_only_transcoded"], 2),
-        "decoded_per_delivered_transcoded": next(r["decoded_per_delivered"] for r in rows
-                                                 if r["config"] == "pyav_transcoded"),
+        "pyav_transcoded_over_decord_raw": ratio_of("pyav_transcoded", "decord_raw"),
+        "pyav_transcoded_over_decode_only": ratio_of("pyav_transcoded", "decode_only_transcoded"),
+        "two_workers_over_one_worker": ratio_of("pyav_transcoded_2w", "pyav_transcoded_1w"),
+        "two_workers_over_in_process": ratio_of("pyav_transcoded_2w", "pyav_transcoded"),
+        "decoded_per_delivered_transcoded": next((r["decoded_per_delivered"] for r in rows
+                                                  if r["config"] == "pyav_transcoded"), None),
     }
+    cpu = {r["config"]: (r.get("main_cpu_ms_per_clip"), r.get("workers_cpu_ms_per_clip")) for r in rows}
+    goals["cpu_estimates"] = cpu_estimates(cpu)
     result = {"machine": machine(), "clips": args.clips, "seconds_per_clip": args.seconds, "repeats": args.repeats,
               "passes": args.passes,
               "frames_per_clip": 4, "sampling": "headtail", "rows": rows, "goals": goals, "runs": runs}
@@ -220,6 +281,14 @@ def main(argv: list[str] | None = None) -> int:
             w.writerow([r["config"], r["clips_per_s"], " ".join(map(str, r["runs"])), r["decoded_per_delivered"],
                         result["machine"]["date"], result["machine"]["cpu"], result["machine"]["loadavg_1m"]])
     print(json.dumps({"rows": rows, "goals": goals}, indent=1))
+    load_after = os.getloadavg()
+    print(f"\nload average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, on {os.cpu_count()} CPUs")
+    est = goals["cpu_estimates"]
+    print("ratio                                           measured  from CPU time per clip")
+    print(f"2 workers / 1 worker (goal >= 1.7):             {goals['two_workers_over_one_worker']!s:8s}  "
+          f"{est['two_workers_over_one_worker']}")
+    print(f"loader (b) / bare decoding (d) (goal >= 0.8):   {goals['pyav_transcoded_over_decode_only']!s:8s}  "
+          f"{est['pyav_transcoded_over_decode_only']}")
     return 0
 
 

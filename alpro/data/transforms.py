@@ -131,7 +131,10 @@ def apply_op(frames: torch.Tensor, name: str, magnitude: float, frame_size: int)
     if name == "HorizontalFlip":
         return frames.flip(-1)
     if name == "Brightness":
-        return (frames * _enhance_factor(magnitude)).clamp(0, 255)
+        factor = _enhance_factor(magnitude)
+        if factor == 1.0:  # x * 1.0 == x exactly: skip a pass (the default magnitude 5 gives factor 1.0)
+            return frames.clamp(0, 255)
+        return (frames * factor).clamp(0, 255)
     if name == "Contrast":
         factor = _enhance_factor(magnitude)
         if factor == 1.0:
