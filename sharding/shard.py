@@ -2,11 +2,14 @@
 
 How a build runs (docs/sharding.md has the user-level story):
 
-1. The manifest is read into rows and filtered (``--split``, ``--media``, ``--limit``). Duplicate ids are
-   found over the whole list, so every node agrees on which row keeps an id.
+1. The manifest is streamed, never held (:func:`_plan`, :func:`_items`): a first pass counts the rows that pass
+   the filters (``--split``, ``--media``, ``--limit``) and finds the rows whose key may repeat one of this node's;
+   a second pass yields the node's own rows as the workers take them. Duplicate ids are decided over the whole
+   manifest, so every node agrees on which row keeps an id.
 2. ``--num-nodes M`` cuts the rows into M contiguous partitions; node R builds partition R. Shards are named
    ``NAME-000000.tar ...`` for one node, ``NAME-nRRR-000000.tar ...`` per node otherwise.
-3. Worker processes (``--workers N``) read, hash, transcode and validate rows in any order; one ordered writer
+3. Worker processes (``--workers N``), or Ray tasks (``--distributor ray``: sharding/distributed.py), read,
+   hash, transcode and validate rows in any order; one ordered writer
    (this process) takes their results back in manifest order, drops content duplicates, rejects bad rows with a
    reason, and rolls shards by ``--shard-size`` samples and ``--shard-bytes``. Because the writer sees the same
    sequence whatever N is, and encoders are single-threaded (bit-exact), shards are byte-identical for any N.
@@ -15,6 +18,9 @@ How a build runs (docs/sharding.md has the user-level story):
    being deterministic, rebuilds the rest byte for byte.
 5. The node's part of the index is written; with one node it is merged at once into ``index.json.zst``,
    ``sizes.json`` and ``rejects.jsonl`` (with several: ``alpro shard --merge-index OUT_DIR``).
+
+OUT_DIR may be an fsspec URL (``s3://bucket/prefix``): the build runs in a local staging directory and uploads
+each file once it is complete (:func:`_build_remote`); media may be read from URLs too.
 """
 
 from __future__ import annotations
