@@ -6,6 +6,7 @@ order), plus every ``benchmarks/scale_*.py`` section of the other scale work, in
     .venv/bin/python benchmarks/bench_scale.py --quick    # 1M samples only (~3 min), sections in quick mode
     .venv/bin/python benchmarks/bench_scale.py --full     # also 100M samples (after only; ~20 min more, 5 GB /tmp)
     .venv/bin/python benchmarks/bench_scale.py --only-index   # skip the scale_*.py sections
+    .venv/bin/python benchmarks/bench_scale.py --sizes 100M --only-index   # one size
 
 The set: 1,000 samples per shard (1M = 1k shards, 10M = 10k, 100M = 100k), keys of 10 characters, every
 sample a video, in the real format: 1M and 10M are written as per-node partial indexes (10k samples each, as a
@@ -22,7 +23,9 @@ f4ecdb7`` under /tmp for "before"):
 * ``peak`` / ``steady RSS above imports``: ``ru_maxrss`` at the end, and ``VmRSS`` after ``gc.collect()``, minus
   ``VmRSS`` after the imports (MB);
 * ``fork worker``: a forked child (a DataLoader worker) that turns 64 tasks into sample locations (shard url,
-  offset, size, key: what ``ItemLoader.prepare`` reads before the bytes); its USS (private memory) in MB;
+  offset, size, key: what ``ItemLoader.prepare`` reads before the bytes); its ``Private_Dirty`` (memory it
+  wrote: its heap, pages copied on write) and ``Private_Clean`` (clean pages only it maps: here the file cache of
+  the sample rows it read, shared with any process that reads them and evictable) in MB;
 * ``forkserver payload``: ``pickle.dumps`` of (shard set, item table): what a DALI forkserver worker receives;
 * ``merge-index``: ``merge_index`` of the partial indexes, seconds and peak RSS above imports (10M before: only
   with ``--full``: about 4.6 GB);
@@ -62,12 +65,13 @@ def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-def uss_mb():
-    total = 0
+def private_mb():
+    out = {"Private_Clean": 0, "Private_Dirty": 0}
     for line in open("/proc/self/smaps_rollup"):
-        if line.startswith(("Private_Clean:", "Private_Dirty:")):
-            total += int(line.split()[1])
-    return total / 1024
+        name = line.split(":")[0]
+        if name in out:
+            out[name] = int(line.split()[1]) / 1024
+    return out
 """
 
 _RANK = r"""
@@ -106,7 +110,7 @@ pid = os.fork()
 if pid == 0:
     os.close(r)
     locate_tasks(64)
-    os.write(w, json.dumps(uss_mb()).encode())
+    os.write(w, json.dumps(private_mb()).encode())
     os._exit(0)
 os.close(w)
 worker = json.loads(os.read(r, 1 << 16))
@@ -115,7 +119,7 @@ t1 = time.perf_counter()
 payload = len(pickle.dumps((shardset, table), protocol=pickle.HIGHEST_PROTOCOL))
 t_pickle = time.perf_counter() - t1
 print(json.dumps({"resolve_s": t_resolve, "startup_s": t_start, "steady_mb": steady, "peak_mb": peak,
-                  "worker_uss_mb": worker, "payload_mb": payload / 2**20, "pickle_s": t_pickle,
+                  "worker_dirty_mb": worker["Private_Dirty"], "worker_clean_mb": worker["Private_Clean"], "payload_mb": payload / 2**20, "pickle_s": t_pickle,
                   "samples": len(shardset), "shards": len(shardset.shards)}))
 """
 
@@ -306,8 +310,11 @@ def index_rows(sizes: list[str], full: bool) -> list[dict]:
             _row("  of which resolve", label, b("resolve_s"), round(after["resolve_s"], 3), "s"),
             _row("peak RSS above imports, per rank", label, b("peak_mb"), round(after["peak_mb"], 1), "MB"),
             _row("steady RSS above imports, per rank", label, b("steady_mb"), round(after["steady_mb"], 1), "MB"),
-            _row("fork worker after 64 tasks (USS)", label, b("worker_uss_mb"), round(after["worker_uss_mb"], 1),
-                 "MB"),
+            _row("fork worker after 64 tasks: private memory (Private_Dirty)", label, b("worker_dirty_mb"),
+                 round(after["worker_dirty_mb"], 1), "MB"),
+            _row("fork worker after 64 tasks: file pages only it maps (Private_Clean)", label,
+                 b("worker_clean_mb"), round(after["worker_clean_mb"], 1), "MB",
+                 "page cache of the sample rows it read: shared, evictable"),
             _row("forkserver payload (pickled shard set + items)", label, b("payload_mb"),
                  round(after["payload_mb"], 3), "MB"),
         ]
@@ -375,19 +382,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _merged(rows: list[dict]) -> list[dict]:
+    """This run's rows over those already in results/scale.json (a run of one size keeps the other sizes'),
+    ordered by section, then size, then the order rows are written in."""
+    key = lambda r: (r.get("section", ""), r["path"], r["size"])  # noqa: E731
+    try:
+        old = json.loads((RESULTS / "scale.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        old = []
+    fresh = {key(r) for r in rows}
+    out = [r for r in old if key(r) not in fresh] + rows
+    sizes = list(SIZES)
+    rank = {id(r): i for i, r in enumerate(out)}
+    return sorted(out, key=lambda r: (r.get("section", ""), sizes.index(r["size"]) if r["size"] in sizes else 99,
+                                      rank[id(r)]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M samples only; sections in quick mode")
     ap.add_argument("--full", action="store_true", help="also 100M samples (columns only) and the 10M merge before")
+    ap.add_argument("--sizes", default=None, help="comma-separated sizes to run, of " + ", ".join(SIZES))
     ap.add_argument("--only-index", action="store_true", help="skip the benchmarks/scale_*.py sections")
     ap.add_argument("--only-sections", action="store_true", help="only the benchmarks/scale_*.py sections")
     args = ap.parse_args()
     sizes = ["1M"] if args.quick else ["1M", "10M"] + (["100M"] if args.full else [])
+    if args.sizes:
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     CACHE.mkdir(parents=True, exist_ok=True)
     rows = [] if args.only_sections else index_rows(sizes, args.full)
     if not args.only_index:
         rows += section_rows(args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = _merged(rows)
     text = table(rows)
     print(text)
     info = machine_info(numpy=np.__version__)

@@ -154,12 +154,12 @@ class _Totals:
 def _digests(hashes: list[Any]) -> np.ndarray:
     """(n, 2) uint64 standing for the samples' source hashes: each sha256 folded to 128 bits (its two halves
     XORed; any other string is hashed to 256 bits first). 16 bytes a sample instead of a Python string in a set."""
-    if all(isinstance(sha, str) and len(sha) == 64 for sha in hashes):
-        try:
+    try:  # the usual case, at C speed: every hash a 64-digit hex string
+        if set(map(len, hashes)) <= {64}:
             words = np.frombuffer(bytes.fromhex("".join(hashes)), dtype="<u8").reshape(-1, 4)
             return words[:, :2] ^ words[:, 2:]
-        except ValueError:
-            pass
+    except (TypeError, ValueError):
+        pass
     raw = []
     for sha in hashes:
         try:
@@ -172,13 +172,23 @@ def _digests(hashes: list[Any]) -> np.ndarray:
 
 
 def _count_repeats(digests: list[np.ndarray]) -> int:
-    """How many digests equal an earlier one (``len(list) - len(set)``), from a sort of two uint64 columns."""
+    """How many digests equal an earlier one (``len(list) - len(set)``): a sort of the first 64-bit words finds
+    the few values that repeat; only digests with such a first word are compared whole. Memory: the digests
+    (16 bytes each) plus one sorted copy of their first words (8 bytes each), chunk by chunk."""
     if not digests:
         return 0
-    words = np.concatenate(digests)
-    order = np.lexsort((words[:, 1], words[:, 0]))
-    hi, lo = words[order, 0], words[order, 1]
-    return int(((hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])).sum())
+    hi = np.sort(np.concatenate([d[:, 0] for d in digests]))
+    repeated = np.unique(hi[1:][hi[1:] == hi[:-1]])
+    del hi
+    if not len(repeated):
+        return 0
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for d in digests:
+        for a, b in d[np.isin(d[:, 0], repeated)].tolist():
+            total += (a, b) in seen
+            seen.add((a, b))
+    return total
 
 
 def _dumps(obj: Any, ascii_only: bool) -> bytes:
@@ -259,7 +269,7 @@ class _Spill:
         save(SHARD_COLUMNS["idx"], np.array(self.idxs, dtype=width(self.idxs)))
         save(SHARD_COLUMNS["start"], np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)]).astype("<i8"))
         save(SHARD_COLUMNS["media"], np.array(self.media, dtype="<i8").reshape(shards, 3))
-        step = 1 << 22
+        step = 1 << 22  # rows per copy (at most 32 MB of int64)
         for name in ("offset", "size", "media", "num_frames"):
             fname, dtype = SAMPLE_COLUMNS[name]
             raw = np.memmap(self.dir / f"{name}.raw", dtype=dtype, mode="r") if self.samples else np.zeros(0, dtype)
@@ -275,6 +285,7 @@ class _Spill:
         keys = np.lib.format.open_memmap(tmp / SAMPLE_COLUMNS["key"][0], mode="w+", dtype=f"S{self.key_width}",
                                          shape=(self.samples,))
         pos = 0
+        step = max(1, (8 << 20) // (8 * self.key_width))  # keys per chunk: index arrays of at most ~8 MB
         for a in range(0, self.samples, step):
             lens = np.asarray(lengths[a:a + step], dtype=np.int64)
             total = int(lens.sum())
