@@ -5,7 +5,9 @@ on real decoded clips, compared with ``torch.equal``; and whole loader batches, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from alpro.config import from_dict
 from alpro.data import CLIP_MEAN, CLIP_STD, DataConfig, build_tokenizer, build_train_loader, corpus_texts
 from alpro.data import transforms as T
+from alpro.data.batch import Batch
 from alpro.data.decode import decode_video, meta_from_json
 from alpro.data.pem import crop_video
 from alpro.data.samples import read_meta
@@ -139,7 +142,27 @@ def test_crop_video_selects_the_same_values_as_torch_where():
     boxes = torch.tensor([[0, 0, 32, 40], [8, 16, 8, 8], [24, 32, 16, 16], [0, 0, 0, 8], [16, 8, 16, 24]])
     new = crop_video(video, boxes)
     assert torch.equal(new, old_crop_video(video, boxes))
+    odd = torch.tensor([[-8, -8, 16, 16], [40, 0, 8, 8], [0, 48, 8, 8], [-40, 0, 8, 8], [4, 4, 100, 100]])
+    assert torch.equal(crop_video(video, odd), old_crop_video(video, odd))
     assert torch.equal(crop_video(video.transpose(3, 4).contiguous().transpose(3, 4), boxes), new)
+
+
+def test_a_batch_pickles_small_tensors_by_value_and_keeps_every_field():
+    g = torch.Generator().manual_seed(1)
+    batch = Batch(type="video", keys=["a", "b"], video=torch.randn(2, 3, 4, 64, 64, generator=g),
+                  input_ids=torch.randint(0, 99, (2, 7), generator=g), attention_mask=torch.ones(2, 7, dtype=torch.int64),
+                  texts=["x", "y"], pem_box=torch.tensor([[0, 0, 8, 8], [0, 0, 4, 4]]),
+                  pem_mask=torch.rand(2, 4, generator=g), valid=torch.tensor([True, False]),
+                  mlm_labels=torch.randint(0, 99, (2, 7), generator=g).t())  # non-contiguous
+    state = batch.__getstate__()
+    assert torch.is_tensor(state["video"]) and not torch.is_tensor(state["input_ids"])
+    back = pickle.loads(pickle.dumps(batch))
+    for f in dataclasses.fields(Batch):
+        a, b = getattr(batch, f.name), getattr(back, f.name)
+        if torch.is_tensor(a):
+            assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), f.name
+        else:
+            assert a == b, f.name
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -12,10 +12,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+_BY_VALUE = 1 << 16  # elements: tensors up to this size are pickled by value (tokens, masks, boxes, labels)
+_NUMPY_DTYPES = (torch.int64, torch.int32, torch.float32, torch.bool)
+
+
+@dataclass(frozen=True)
+class _ByValue:
+    array: np.ndarray
 
 
 @dataclass
@@ -53,6 +63,21 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def __getstate__(self) -> dict:
+        """Small CPU tensors travel by value (as numpy arrays) when a DataLoader worker sends a batch: torch would
+        give each its own shared-memory segment, handed over through one socket connection per tensor, which
+        costs the consumer more than the bytes. The pixel tensors still travel as shared memory."""
+        state = dict(self.__dict__)
+        for name, value in state.items():
+            if (torch.is_tensor(value) and value.device.type == "cpu" and value.numel() <= _BY_VALUE
+                    and not value.requires_grad and value.dtype in _NUMPY_DTYPES):
+                state[name] = _ByValue(value.numpy())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update({k: torch.from_numpy(v.array) if isinstance(v, _ByValue) else v
+                              for k, v in state.items()})
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """Move every tensor field to ``device``; other fields are shared."""

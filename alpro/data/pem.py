@@ -50,12 +50,22 @@ def crop_video(video: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     """(B, C, T, H, W) normalised video -> the same with every pixel outside its box set to the normalised value
     of a 0 pixel (-mean/std), as the original zeroed [0, 255] frames before normalising.
 
-    Built as a fill plus one copy of each box (the values ``torch.where`` over the whole batch would select),
-    which costs a fraction of a masked select in the consumer process."""
-    zero = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).to(video).view(1, 3, 1, 1, 1)
+    Built as fills of the strips around each box plus one copy of the box: the values ``torch.where`` over the
+    whole batch would select, each pixel written once, a fraction of a masked select in the consumer process."""
+    zero = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).to(video)
+    fills = zero.tolist()  # the float32 values, exact as Python floats
+    h, w = video.shape[-2:]
     out = torch.empty_like(video, memory_format=torch.contiguous_format)
-    out.copy_(zero.expand_as(out))
-    for i, (top, left, h, w) in enumerate(boxes.tolist()):
-        y0, y1, x0, x1 = max(top, 0), max(top + h, 0), max(left, 0), max(left + w, 0)
+    for i, (top, left, bh, bw) in enumerate(boxes.tolist()):
+        y0, y1 = min(max(top, 0), h), min(max(top + bh, 0), h)
+        x0, x1 = min(max(left, 0), w), min(max(left + bw, 0), w)
+        if y1 <= y0 or x1 <= x0:
+            y0 = y1 = x0 = x1 = 0  # an empty box: every pixel is outside
+        for c, value in enumerate(fills):  # every pixel is written once: the four strips around the box, then it
+            plane = out[i, c]  # (T, H, W)
+            plane[:, :y0].fill_(value)
+            plane[:, y1:].fill_(value)
+            plane[:, y0:y1, :x0].fill_(value)
+            plane[:, y0:y1, x1:].fill_(value)
         out[i, :, :, y0:y1, x0:x1] = video[i, :, :, y0:y1, x0:x1]
     return out
