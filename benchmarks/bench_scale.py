@@ -20,8 +20,9 @@ f4ecdb7`` under /tmp for "before"):
 
 * ``rank start-up``: ``resolve`` + ``item_table`` (pre-training: one item per sample) + ``TrainPlan`` + the
   first ``task`` of rank 1023 of 1,024 (8 per rank), seconds;
-* ``peak`` / ``steady RSS above imports``: ``ru_maxrss`` at the end, and ``VmRSS`` after ``gc.collect()``, minus
-  ``VmRSS`` after the imports (MB);
+* ``peak`` / ``steady RSS above imports``: ``VmHWM`` at the end (not ``ru_maxrss``, which keeps the peak of the
+  parent across fork + exec), and ``VmRSS`` after ``gc.collect()``, minus ``VmRSS`` after the imports (MB); of
+  the steady figure, ``RssFile``: pages of the mapped index (file cache);
 * ``fork worker``: a forked child (a DataLoader worker) that turns 64 tasks into sample locations (shard url,
   offset, size, key: what ``ItemLoader.prepare`` reads before the bytes); its ``Private_Dirty`` (memory it
   wrote: its heap, pages copied on write) and ``Private_Clean`` (clean pages only it maps: here the file cache of
@@ -61,10 +62,14 @@ WORLD, BATCH = 1024, 8
 SIZES = {"1M": 1_000_000, "10M": 10_000_000, "100M": 100_000_000}
 
 _RSS = r"""
-def rss_mb():
+def status_mb(field):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
+def rss_mb():
+    return status_mb("VmRSS")
+def peak_mb():  # VmHWM: the peak of this process image (ru_maxrss keeps the parent's peak across fork + exec)
+    return status_mb("VmHWM")
 def private_mb():
     out = {"Private_Clean": 0, "Private_Dirty": 0}
     for line in open("/proc/self/smaps_rollup"):
@@ -75,7 +80,7 @@ def private_mb():
 """
 
 _RANK = r"""
-import gc, json, os, pickle, resource, sys, time
+import gc, json, os, pickle, sys, time
 root, spec, world, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 if root:
     sys.path.insert(0, root)
@@ -86,7 +91,7 @@ from alpro.data.shards import resolve
 from alpro.data.sources import item_table
 assert (not root) or mod.__file__.startswith(root), mod.__file__
 """ + _RSS + r"""
-base = rss_mb()
+base, base_file = rss_mb(), status_mb("RssFile")
 t0 = time.perf_counter()
 shardset = resolve(spec, "bench")
 t_resolve = time.perf_counter() - t0
@@ -104,7 +109,8 @@ def locate_tasks(n):
 locate_tasks(4)
 gc.collect()
 steady = rss_mb() - base
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+steady_file = status_mb("RssFile") - base_file
+peak = peak_mb() - base
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
@@ -119,12 +125,13 @@ t1 = time.perf_counter()
 payload = len(pickle.dumps((shardset, table), protocol=pickle.HIGHEST_PROTOCOL))
 t_pickle = time.perf_counter() - t1
 print(json.dumps({"resolve_s": t_resolve, "startup_s": t_start, "steady_mb": steady, "peak_mb": peak,
+                  "steady_file_mb": steady_file,
                   "worker_dirty_mb": worker["Private_Dirty"], "worker_clean_mb": worker["Private_Clean"], "payload_mb": payload / 2**20, "pickle_s": t_pickle,
                   "samples": len(shardset), "shards": len(shardset.shards)}))
 """
 
 _MERGE = r"""
-import json, resource, sys, time
+import json, sys, time
 root, out = sys.argv[1], sys.argv[2]
 if root:
     sys.path.insert(0, root)
@@ -135,7 +142,7 @@ base = rss_mb()
 t0 = time.perf_counter()
 mod.merge_index(out)
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base}))
+print(json.dumps({"seconds": dt, "peak_mb": peak_mb() - base}))
 """
 
 _PIPE = r"""
@@ -310,6 +317,8 @@ def index_rows(sizes: list[str], full: bool) -> list[dict]:
             _row("  of which resolve", label, b("resolve_s"), round(after["resolve_s"], 3), "s"),
             _row("peak RSS above imports, per rank", label, b("peak_mb"), round(after["peak_mb"], 1), "MB"),
             _row("steady RSS above imports, per rank", label, b("steady_mb"), round(after["steady_mb"], 1), "MB"),
+            _row("  of which mapped file pages (index pages read)", label, b("steady_file_mb"),
+                 round(after["steady_file_mb"], 1), "MB", "page cache: shared with the workers, evictable"),
             _row("fork worker after 64 tasks: private memory (Private_Dirty)", label, b("worker_dirty_mb"),
                  round(after["worker_dirty_mb"], 1), "MB"),
             _row("fork worker after 64 tasks: file pages only it maps (Private_Clean)", label,
