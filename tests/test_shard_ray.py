@@ -121,3 +121,16 @@ def test_the_command_line_takes_the_distributor_and_records_nothing_of_it():
     cmd = parse_command(ShardCommand, ["m.jsonl", "out", "--distributor", "ray", "--ray-address", "auto"], prog="x")
     assert (cmd.options.distributor, cmd.options.ray_address) == ("ray", "auto")
     assert "distributor" not in cmd.options.output_options() and "ray_address" not in cmd.options.output_options()
+
+
+def test_alpro_shard_joins_a_running_cluster_by_address(cluster, corpus, local_build, tmp_path):
+    """The real command line, as a user runs it next to a cluster: ``--distributor ray --ray-address HOST:PORT``."""
+    from cli_helpers import run_cli
+
+    address = ray.get_runtime_context().gcs_address
+    out = tmp_path / "out"
+    proc = run_cli("shard", str(corpus / "m.jsonl"), str(out), "--distributor", "ray", "--ray-address", address,
+                   "--shard-size", "3", "--no-progress")
+    assert "14 inputs -> 11 samples in 4 shard(s)" in proc.stdout
+    got = _files(out)
+    assert sorted(got) == sorted(local_build) and [n for n in got if got[n] != local_build[n]] == []
