@@ -165,8 +165,10 @@ def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, i
                     raise SampleError("decode_error", f"frame {t} was not produced (seek landed at {pos})")
     except av.FFmpegError as e:
         raise SampleError("decode_error", str(e)) from None
-    stacked = np.stack([got[int(i)] for i in indices])  # (T, H, W, 3)
-    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous(), decoded
+    out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)  # (T, 3, H, W): one HWC -> CHW copy each
+    for j, i in enumerate(indices):
+        out[j].copy_(torch.from_numpy(got[int(i)]).permute(2, 0, 1))
+    return out, decoded
 
 
 def decode_picture(data: bytes, max_pixels: int = 7680 * 4320) -> torch.Tensor:
