@@ -151,11 +151,16 @@ def _ckpt_copy(runs, dst: Path) -> Path:
     return ckpt
 
 
-def test_elastic_plan_decides_when_to_convert(runs, tmp_path):
+def test_elastic_plan_decides_when_to_convert(tmp_path):
     from alpro.errors import AlproError
     from alpro.train.checkpoint import elastic_plan, saved_topology
 
-    ckpt = _ckpt_copy(runs, tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 2}))
+    (ckpt / "config.yaml").write_text("train:\n  zero_stage: 3\n")
+    assert saved_topology(ckpt) == (2, 3)  # saved before trainer states recorded the stage: from config.yaml
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2, "world_size": 2, "zero_stage": 2}))
     assert saved_topology(ckpt) == (2, 2)
     assert elastic_plan(ckpt, 2, 2, "auto") is None  # as saved: the exact path
     assert elastic_plan(ckpt, 1, 2, "auto") == "world size 2 -> 1"
