@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import fault_env
+from cli_helpers import REPO, fault_env
 from s3_server import s3_server
-from test_train import losses, train
+from test_train import losses, train, trainer_cmd
 
 from alpro.sharding.shard import shard_manifest
 
@@ -119,11 +120,14 @@ def test_training_from_s3_killed_and_resumed_gives_the_uninterrupted_losses(s3_s
     shards = {**tiny_shards, "train_video": f"{s3_shards['train_video']}/index.json.zst"}
     extra = ("--train.steps", "4", "--train.save_interval", "2", "--train.log_interval", "1")
     env = dict(os.environ)
-    ref = tmp_path / "ref"
-    train("prompter", ref, shards, *extra, env=env)
-    run = tmp_path / "killed"
-    proc = train("prompter", run, shards, *extra, env={**env, **fault_env(KILL_AFTER_SAVE=2)}, check=False)
-    assert proc.returncode != 0 and (run / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
+    ref, run = tmp_path / "ref", tmp_path / "killed"
+    # the uninterrupted run and the one killed after its step-2 checkpoint run side by side (one core each)
+    procs = [subprocess.Popen(trainer_cmd("prompter", d, shards, *extra), cwd=REPO, env={**env, **e},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for d, e in ((ref, {}), (run, fault_env(KILL_AFTER_SAVE=2)))]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert procs[0].returncode == 0, outputs[0][-4000:]
+    assert procs[1].returncode != 0 and (run / "checkpoints" / "step-00000002" / "trainer_state.json").is_file()
     train("prompter", run, shards, *extra, "--train.resume", "auto", env=env)
     assert "resuming from" in (run / "train.log").read_text()
     assert len(losses(ref)) == 4 and losses(run) == losses(ref)  # bit-identical
