@@ -243,7 +243,7 @@ def test_sources_are_relative_and_a_copied_corpus_builds_byte_identical_shards(t
         "clip0": "videos/clip0.mp4", "clip1": "videos/clip1.mp4", "clip2": "videos/clip2.mp4", "pic": "images/pic.jpg"}
     assert _rejects(out_a)["gone"]["source"] == "videos/gone.mp4"
     # Nothing in the set names the directory it was built in (the index is compressed: read it).
-    for p in out_a.iterdir():
+    for p in (p for p in out_a.rglob("*") if p.is_file()):  # index.cols/ is a directory
         assert str(tmp_path).encode() not in p.read_bytes(), p.name
     assert str(tmp_path) not in json.dumps(read_index(out_a))
     assert json.loads((out_a / "build.json").read_text())["manifest"]["path"] == "manifest.jsonl"
