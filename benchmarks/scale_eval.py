@@ -9,7 +9,7 @@ Figures go to ``benchmarks/results/scale_eval.json`` (standalone runs).
 
 ``run(quick) -> list[dict]`` (keys path, size, before, after, unit, note) is what ``benchmarks/bench_scale.py``
 collects. Each figure is one fresh process (``python -c``) importing the tree measured; memory is the peak RSS
-(``ru_maxrss``) minus the RSS after the imports and the inputs, in MB.
+(``VmHWM``) minus the RSS after the imports and the inputs, in MB.
 
 * map_heads: a set of 1,000-sample shards (json + txt + a 16-byte jpg per sample; every shard file a symlink to
   one real tar, so 1M samples cost 1.3 MB of disk) read through the index; ``fn`` returns the caption. Before:
@@ -40,13 +40,14 @@ CACHE = Path(tempfile.gettempdir()) / "alpro-scale-eval"
 PER_SHARD = 1000
 
 _RSS = r"""
-import resource
 def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak_mb():  # VmHWM: ru_maxrss keeps the parent's peak across fork + exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 """
 
 _HEADS = r"""
