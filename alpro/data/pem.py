@@ -1,9 +1,9 @@
 """PEM inputs (ALPRO.md §2.4 "Random crop"): one patch-aligned box per clip and what the prompter sees.
 
 The box is drawn per sample in the worker (cheap, reproducible); the two derived tensors are built once per
-batch in the consumer: the patch mask with one comparison and the crop input with one ``torch.where`` over the
-whole (B, C, T, H, W) batch, instead of a padded copy per frame as in the original collator.
-"""
+batch where the batch is assembled (in the DataLoader worker; in the consumer for DALI batches): the patch mask
+with one comparison and the crop input as fills around each box plus one copy of it, instead of a padded copy
+per frame as in the original collator."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from alpro.data.batch import CLIP_MEAN, CLIP_STD
+from alpro.data.batch import CLIP_MEAN, CLIP_STD, batch_tensor
 from alpro.data.config import PemConfig
 
 
@@ -55,7 +55,7 @@ def crop_video(video: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     zero = (-torch.tensor(CLIP_MEAN) / torch.tensor(CLIP_STD)).to(video)
     fills = zero.tolist()  # the float32 values, exact as Python floats
     h, w = video.shape[-2:]
-    out = torch.empty_like(video, memory_format=torch.contiguous_format)
+    out = batch_tensor(tuple(video.shape), video.device, video.dtype)  # shared memory inside a DataLoader worker
     for i, (top, left, bh, bw) in enumerate(boxes.tolist()):
         y0, y1 = min(max(top, 0), h), min(max(top + bh, 0), h)
         x0, x1 = min(max(left, 0), w), min(max(left + bw, 0), w)

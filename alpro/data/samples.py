@@ -26,7 +26,7 @@ from alpro.data.batch import Batch, batch_tensor
 from alpro.data.config import DataConfig
 from alpro.data.decode import VideoMeta, decode_picture, decode_video, meta_from_json, probe
 from alpro.data.meta import meta_problem
-from alpro.data.pem import draw_box, patch_mask
+from alpro.data.pem import crop_video, draw_box, patch_mask
 from alpro.data.plan import AUGMENT, FRAMES, MLM, PEM, TEXT, ItemTable, Task, item_rng, rng
 from alpro.data.sampling import sample_frames
 from alpro.data.shards import IMAGE_EXTS, VIDEO_EXTS, Reader, SampleError
@@ -322,6 +322,7 @@ class BatchBuilder:
         if self.items.pem:
             batch.pem_box = torch.tensor([p.box for p in prepared], dtype=torch.int64)
             batch.pem_mask = patch_mask(batch.pem_box, s, s, cfg.pem.patch_size)
+            batch.crop_video = crop_video(video, batch.pem_box)  # in the worker: the consumer only receives it
         if self.items.task == "qa":
             vocab = self.items.answer_vocab or {}
             batch.answers = [p.answer if p is not None else "" for p in prepared]
