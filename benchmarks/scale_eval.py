@@ -9,7 +9,7 @@ Figures go to ``benchmarks/results/scale_eval.json`` (standalone runs).
 
 ``run(quick) -> list[dict]`` (keys path, size, before, after, unit, note) is what ``benchmarks/bench_scale.py``
 collects. Each figure is one fresh process (``python -c``) importing the tree measured; memory is the peak RSS
-(``VmHWM``) minus the RSS after the imports and the inputs, in MB.
+(``VmHWM``, reset once the inputs are built) minus the RSS after the imports and the inputs, in MB.
 
 * map_heads: a set of 1,000-sample shards (json + txt + a 16-byte jpg per sample; every shard file a symlink to
   one real tar, so 1M samples cost 1.3 MB of disk) read through the index; ``fn`` returns the caption. Before:
@@ -44,6 +44,9 @@ def rss_mb():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
+def reset_peak():  # VmHWM from here on: the inputs' own transient peak (resolve, random features) left out
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 def peak_mb():  # VmHWM: ru_maxrss keeps the parent's peak across fork + exec
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
@@ -62,6 +65,7 @@ assert mod.__file__.startswith(root), mod.__file__
 shardset = resolve(spec, "bench")
 fn = lambda m: captions_of(read_meta(m), m)[0]
 base = rss_mb()
+reset_peak()
 t0 = time.perf_counter()
 n = 0
 for found in (mod.iter_heads(shardset, fn) if after else mod.map_heads(shardset, fn)):
@@ -84,6 +88,7 @@ video = torch.nn.functional.normalize(torch.randn(nv, E), dim=1)
 text = torch.nn.functional.normalize(video.repeat_interleave(2, 0) + 0.9 * torch.randn(2 * nv, E), dim=1)
 gt = torch.arange(nv).repeat_interleave(2)
 base = rss_mb()
+reset_peak()
 t0 = time.perf_counter()
 if after:
     t_rank, t_sim, t_idx = ev.vtc_topk_ranks(text, video, torch.arange(len(text) + 1), gt, K, topk_key_major=True)
