@@ -135,10 +135,12 @@ def _scan_indexed(tar_path: Path, entry: dict[str, Any], limits: LimitsConfig | 
     its offset; no tar header is read. ``None`` when the tar is not the one the index describes (another size,
     no ``.idx``, a different sample count): then the caller walks it."""
     limits = limits or LimitsConfig()
-    idx_path = tar_path.with_name(str(entry.get("idx") or ""))
+    if not entry.get("idx"):  # an index without DALI index names (a foreign or hand-made one): walk
+        return None
+    idx_path = tar_path.with_name(str(entry["idx"]))
     try:
         size = tar_path.stat().st_size
-        if size != entry.get("bytes") or not entry.get("idx"):
+        if size != entry.get("bytes"):
             return None
         lines = idx_path.read_text(encoding="utf-8").splitlines()
         header = lines[0].split()
