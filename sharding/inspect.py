@@ -69,6 +69,17 @@ def _split_key(name: str) -> tuple[str, str]:
     return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
+def _add_member(samples: dict[str, dict[str, Any]], key: str, ext: str, data: int, length: int, get,
+                limits: LimitsConfig) -> None:
+    """Count one member of sample ``key`` (its extension and bytes); a ``KEY.json`` is read and checked."""
+    s = samples.setdefault(key, {"key": key, "exts": [], "bytes": 0, "meta": None, "problem": None})
+    s["exts"].append(ext)
+    s["bytes"] += length
+    if ext == "json" and s["problem"] is None:
+        s["meta"], s["problem"] = _read_json(get(data, data + length) if length <= limits.other_bytes else None,
+                                             length, limits)
+
+
 def _scan(tar_path: Path, limits: LimitsConfig | None = None) -> tuple[list[dict[str, Any]], int, dict | None]:
     """Per-sample ``{key, exts, bytes, meta, problem}`` of one shard's complete samples, the shard's size, and
     where the tar is cut (None when it is whole).
@@ -88,12 +99,7 @@ def _scan(tar_path: Path, limits: LimitsConfig | None = None) -> tuple[list[dict
                     cut = {"key": key, "detail": f"the tar ends at byte {size}, inside member {name} (needs "
                                                  f"{data + length})"}
                     break
-                s = samples.setdefault(key, {"key": key, "exts": [], "bytes": 0, "meta": None, "problem": None})
-                s["exts"].append(ext)
-                s["bytes"] += length
-                if ext == "json" and s["problem"] is None:
-                    s["meta"], s["problem"] = _read_json(get(data, data + length) if length <= limits.other_bytes
-                                                         else None, length, limits)
+                _add_member(samples, key, ext, data, length, get, limits)
         except SampleError as e:  # a cut header, no end-of-archive block, or garbage where a header should be
             if e.reason != "truncated" and not samples:
                 raise AlproError(f"{tar_path}: not a readable tar ({e})") from None
@@ -161,12 +167,7 @@ def _scan_indexed(tar_path: Path, entry: dict[str, Any], limits: LimitsConfig | 
                 if data + length > size:
                     return None
                 key, ext = _split_key(name)
-                s = samples.setdefault(key, {"key": key, "exts": [], "bytes": 0, "meta": None, "problem": None})
-                s["exts"].append(ext)
-                s["bytes"] += length
-                if ext == "json" and s["problem"] is None:
-                    s["meta"], s["problem"] = _read_json(get(data, data + length) if length <= limits.other_bytes
-                                                         else None, length, limits)
+                _add_member(samples, key, ext, data, length, get, limits)
     return list(samples.values()), size, None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import media_factory as mf
 import psutil
 import pytest
+from shard_files import shard_set_bytes
 
 from alpro.sharding.shard import shard_manifest
 
@@ -24,17 +25,7 @@ pytestmark = pytest.mark.slow  # starts a Ray cluster (~10 s) and transcodes
 FAST = {"progress": False, "shard_size": 3}
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    """Every file's bytes; a ``_stats.json`` without its ``seconds`` (the one field that is a timing)."""
-    files = {}
-    for p in sorted(out.iterdir()):
-        if p.name.endswith("_stats.json"):
-            stats = json.loads(p.read_text())
-            stats.pop("seconds")
-            files[p.name] = json.dumps(stats).encode()
-        elif p.is_file():
-            files[p.name] = p.read_bytes()
-    return files
+_files = shard_set_bytes
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import media_factory as mf
 import pytest
+from shard_files import shard_set_bytes
 
 from alpro.sharding import shard as shard_mod
 from alpro.sharding.shard import shard_manifest
@@ -16,16 +17,7 @@ from alpro.sharding.shard import shard_manifest
 ARGS = {"progress": False, "shard_size": 2}
 
 
-def _files(out: Path) -> dict[str, bytes]:
-    files = {}
-    for p in sorted(out.iterdir()):
-        if p.name.endswith("_stats.json"):
-            stats = json.loads(p.read_text())
-            stats.pop("seconds")
-            files[p.name] = json.dumps(stats).encode()
-        elif p.is_file():
-            files[p.name] = p.read_bytes()
-    return files
+_files = shard_set_bytes
 
 
 @pytest.fixture(scope="module")
