@@ -17,6 +17,8 @@ from test_train import losses, train, trainer_cmd
 
 from alpro.sharding.shard import shard_manifest
 
+pytestmark = pytest.mark.slow  # starts moto's S3 server and runs the sharder (~30 s before the first test)
+
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 
