@@ -26,6 +26,7 @@ def smoke(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow  # the smoke run trains (its train rows): ~25 s
 def test_smoke_mode_passes_and_writes_its_results(smoke):
     proc, out = smoke
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -40,6 +41,7 @@ def test_smoke_mode_passes_and_writes_its_results(smoke):
     assert len(lines) == len(rows)  # one printed line per case
 
 
+@pytest.mark.slow  # the smoke run trains (its train rows): ~25 s
 def test_smoke_covers_every_kernel_dtype_and_shipped_config(smoke):
     _, out = smoke
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]
@@ -62,6 +64,7 @@ def test_smoke_covers_every_kernel_dtype_and_shipped_config(smoke):
             assert f"{name}={describe_config(config)}" in forced, (name, describe_config(config))
 
 
+@pytest.mark.slow  # the smoke run trains (its train rows): ~25 s
 def test_smoke_speed_dali_and_train_rows(smoke):
     _, out = smoke
     rows = json.loads((out / "gpu_check.json").read_text())["rows"]

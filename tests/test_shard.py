@@ -238,6 +238,7 @@ def test_dedup_and_keep_duplicates(corpus, tmp_path):
     assert (kept.written, kept.rejected) == (3, 0)
 
 
+@pytest.mark.slow  # three node builds with worker pools and two merges: ~20 s inside the suite
 def test_nodes_partition_and_merge(corpus, built, tmp_path):
     out = tmp_path / "nodes"
     parts = [shard_manifest(corpus / "manifest.jsonl", out, shard_size=4, num_nodes=3, node_rank=r, **FAST)
