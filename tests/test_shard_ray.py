@@ -25,9 +25,6 @@ pytestmark = pytest.mark.slow  # starts a Ray cluster (~10 s) and transcodes
 FAST = {"progress": False, "shard_size": 3}
 
 
-_files = shard_set_bytes
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """14 rows: 11 clips, a missing file, a repeated id and a repeated source (rejects inside slices)."""
@@ -47,7 +44,7 @@ def corpus(tmp_path_factory) -> Path:
 def local_build(corpus, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("local") / "out"
     shard_manifest(corpus / "m.jsonl", out, **FAST)
-    return _files(out)
+    return shard_set_bytes(out)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +57,7 @@ def cluster():
 def test_ray_build_is_byte_identical_to_the_local_build(cluster, corpus, local_build, tmp_path):
     summary = shard_manifest(corpus / "m.jsonl", tmp_path / "out", distributor="ray", **FAST)
     assert summary.inputs == 14 and summary.rejected == 3 and summary.shards == 4
-    got = _files(tmp_path / "out")
+    got = shard_set_bytes(tmp_path / "out")
     assert sorted(got) == sorted(local_build)
     assert [n for n in got if got[n] != local_build[n]] == []
 
@@ -88,7 +85,7 @@ def test_a_killed_ray_worker_is_retried_and_the_bytes_do_not_change(cluster, cor
         killer.join()
     assert killed, "no Ray worker was seen running a slice"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
-    got = _files(tmp_path / "out")
+    got = shard_set_bytes(tmp_path / "out")
     assert sorted(got) == sorted(local_build)
     assert [n for n in got if got[n] != local_build[n]] == []
 
@@ -100,7 +97,7 @@ def test_a_restarted_ray_build_skips_complete_shards(cluster, corpus, local_buil
     (out / "index.json.zst").unlink()
     summary = shard_manifest(corpus / "m.jsonl", out, distributor="ray", **FAST)
     assert summary.resumed_shards == 2
-    got = _files(out)
+    got = shard_set_bytes(out)
     assert sorted(got) == sorted(local_build)
     assert [n for n in got if got[n] != local_build[n]] == []
 
@@ -123,5 +120,5 @@ def test_alpro_shard_joins_a_running_cluster_by_address(cluster, corpus, local_b
     proc = run_cli("shard", str(corpus / "m.jsonl"), str(out), "--distributor", "ray", "--ray-address", address,
                    "--shard-size", "3", "--no-progress")
     assert "14 inputs -> 11 samples in 4 shard(s)" in proc.stdout
-    got = _files(out)
+    got = shard_set_bytes(out)
     assert sorted(got) == sorted(local_build) and [n for n in got if got[n] != local_build[n]] == []

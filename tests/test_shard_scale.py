@@ -17,9 +17,6 @@ from alpro.sharding.shard import shard_manifest
 ARGS = {"progress": False, "shard_size": 2}
 
 
-_files = shard_set_bytes
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """9 clips, 4 of them byte copies of earlier ones (two copies of v0), spread over the shards."""
@@ -38,14 +35,14 @@ def reference(corpus, tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("ref") / "out"
     summary = shard_manifest(corpus / "m.jsonl", out, **ARGS)
     assert summary.rejects_by_reason == {"duplicate": 4} and summary.written == 5
-    return _files(out)
+    return shard_set_bytes(out)
 
 
 def test_dedup_in_frozen_runs_gives_the_same_bytes(corpus, reference, tmp_path, monkeypatch):
     monkeypatch.setattr(shard_mod._Seen.__init__, "__defaults__", (1,))  # freeze after every shard
     out = tmp_path / "out"
     shard_manifest(corpus / "m.jsonl", out, **ARGS)
-    assert _files(out) == reference
+    assert shard_set_bytes(out) == reference
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [r["detail"] for r in rejects] == ["same bytes as key v0", "same bytes as key v1", "same bytes as key v0",
                                               "same bytes as key v4"]
@@ -53,7 +50,7 @@ def test_dedup_in_frozen_runs_gives_the_same_bytes(corpus, reference, tmp_path, 
     (out / "shard-000002_stats.json").unlink()
     (out / "index.json.zst").unlink()
     assert shard_manifest(corpus / "m.jsonl", out, **ARGS).resumed_shards == 2
-    assert _files(out) == reference
+    assert shard_set_bytes(out) == reference
 
 
 def test_seen_confirms_a_prefix_match_from_the_stats(tmp_path):
