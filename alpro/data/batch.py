@@ -36,6 +36,10 @@ class Batch:
     input_ids: torch.Tensor  # (B, L) int64: caption (pre-train / retrieval) or question (QA), padded
     attention_mask: torch.Tensor  # (B, L) int64, 1 = real token
     texts: list[str] = field(default_factory=list)  # the raw caption / question behind input_ids (B)
+    # Set only between a DataLoader worker and the loader's consumer (``data.augment_on: device``): ``video`` is
+    # then (B, C, T, H, W) uint8 [0, 255], cropped, and each clip's RandAugment ops (None = padding) are still to
+    # apply; ``Loader`` finishes the batch on the training device before yielding it, so models never see it.
+    video_ops: list[tuple[str, ...] | None] | None = None
 
     # MLM (pre-training): the collator's 15% masking, 80/10/10.
     mlm_input_ids: torch.Tensor | None = None  # (B, L) int64, masked copy of input_ids

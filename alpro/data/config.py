@@ -197,6 +197,14 @@ class DataConfig:
     decoder_threads: int = 1
     """FFmpeg threads per PyAV decode. 1 is best inside several workers; raise it with few workers and
     large frames."""
+    augment_on: Literal["auto", "loader", "device"] = "auto"
+    """Where a video clip's RandAugment ops and normalisation run on the PyAV path. ``loader``: in the loader
+    (its DataLoader workers), which send float32 batches. ``device``: the workers decode, crop and send uint8
+    frames with each clip's drawn ops, and the loader finishes the batch on the training device (the GPU with
+    CUDA, else the training process's CPU): a quarter of the bytes through shared memory and to the GPU, and
+    CPU cores that only decode. The random draws are the same either way and the result is bit-identical on
+    the CPU. ``auto``: ``device`` when CUDA is available, else ``loader``. DALI batches are finished by the
+    consumer on DALI's device either way; pictures are always finished in the loader."""
 
     shuffle_block: int = 8192
     """Training order: shards are shuffled, concatenated, then samples are shuffled inside blocks of this
@@ -256,6 +264,14 @@ class DataConfig:
         if task in ("pretrain", "prompter"):
             return self.resize or round(self.frame_size * 256 / 224)
         return self.frame_size
+
+    def augments_on_device(self) -> bool:
+        """``augment_on`` resolved: True when the loader's consumer finishes video batches (see the field)."""
+        if self.augment_on == "auto":
+            import torch  # only here: the config module stays importable without torch
+
+            return torch.cuda.is_available()
+        return self.augment_on == "device"
 
     def frames_for(self, train: bool) -> int:
         return self.num_frames if train else (self.eval_num_frames or self.num_frames)

@@ -149,7 +149,8 @@ class DaliRenderer:
                 return None, None
             if not fallbacks:
                 raise AlproError(f"replacements exhausted in batch {task.step} (last: {e})") from None
-            replaced = self.builder.with_replacement(task, fallbacks.pop(0), fallbacks, stats, render=True)
+            replaced = self.builder.with_replacement(task, fallbacks.pop(0), fallbacks, stats, render=True,
+                                                     defer=False)
             return replaced[0], replaced[1].pixels.to(self.torch_device)
 
 

@@ -21,6 +21,7 @@ from alpro.data.pem import crop_video
 from alpro.data.plan import choose_source
 from alpro.data.protocol import SETTINGS, STATE_VERSION, BatchSource
 from alpro.data.samples import BatchStats
+from alpro.data.transforms import finish_batch
 from alpro.errors import AlproError
 
 LOG = logging.getLogger("alpro.data")
@@ -128,6 +129,8 @@ class Loader:
                 batch, stats = next(batches)
             except StopIteration:
                 return
+            if batch.video_ops is not None:
+                batch = self._finish(batch)
             if batch.pem_box is not None and batch.crop_video is None:
                 batch.crop_video = crop_video(batch.video, batch.pem_box)
             if self.cfg.pin_memory and torch.cuda.is_available() and batch.video.device.type == "cpu":
@@ -136,6 +139,18 @@ class Loader:
             self._skips.update(stats.skips)
             self.step += 1
             yield batch
+
+    def _finish(self, batch: Batch) -> Batch:
+        """A batch the workers left unfinished (``data.augment_on: device``): its uint8 clips go to the training
+        device (the current CUDA device, else the CPU), where their RandAugment ops and normalisation run."""
+        video = batch.video
+        if torch.cuda.is_available():
+            if self.cfg.pin_memory:
+                video = video.pin_memory()
+            video = video.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
+        batch.video = finish_batch(video, batch.video_ops, self.cfg.randaugment.magnitude, self.cfg.frame_size)
+        batch.video_ops = None
+        return batch
 
     def plan(self, steps: int | None = None) -> Iterator[dict]:
         """The remaining sequence of the current pass without decoding pixels: per step, the source, epoch,

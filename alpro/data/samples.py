@@ -117,9 +117,10 @@ class Prepared:
 
 @dataclass
 class Rendered:
-    pixels: torch.Tensor  # (T, C, S, S) float32 normalised
+    pixels: torch.Tensor  # (T, C, S, S) float32 normalised; uint8 [0, 255] when ``ops`` is not None
     decoded: int  # frames the decoder produced
     delivered: int  # frames returned
+    ops: tuple[str, ...] | None = None  # a deferred clip: RandAugment ops + normalisation still to apply
 
 
 class ItemLoader:
@@ -209,11 +210,15 @@ class ItemLoader:
         else:
             out.text = captions[0]
 
-    def render(self, p: Prepared) -> Rendered:
+    def render(self, p: Prepared, defer: bool = False) -> Rendered:
+        """Decode and transform an item; ``defer``: a video clip comes back cropped, uint8, with its ops left to
+        apply (``data.augment_on: device``)."""
         if p.media == "video":
             size = self.clip_tf.resize
             raw, decoded = decode_video(p.data, p.frames, p.vmeta, size, self.cfg.interpolation,
                                         self.cfg.decoder_threads)
+            if defer:
+                return Rendered(self.clip_tf.crop(raw, p.clip), decoded, len(p.frames), ops=p.clip.ops)
             return Rendered(self.clip_tf.apply(raw, p.clip), decoded, len(p.frames))
         pixels = self.image_tf.apply(decode_picture(p.data, self.cfg.limits.image_pixels), p.image)  # (1, C, S, S)
         return Rendered(pixels.expand(self.num_frames, -1, -1, -1), 1, 1)
@@ -241,6 +246,7 @@ class BatchBuilder:
         cfg = items.cfg
         self.max_len, self.mlm_probability = cfg.max_text_len, cfg.mlm_probability
         self.mlm = items.train and items.task == "pretrain"
+        self.defer = cfg.augments_on_device()  # video batches leave unfinished: the loader's consumer finishes them
 
     def prepare_task(self, task: Task, stats: BatchStats) -> tuple[list[Prepared | None], list[int]]:
         """Prepared items of a task (None = padding or an evaluation clip that failed) and the fallbacks left."""
@@ -250,7 +256,8 @@ class BatchBuilder:
             out.append(None if item < 0 else self.with_replacement(task, item, fallbacks, stats, render=False))
         return out, fallbacks
 
-    def with_replacement(self, task: Task, item: int, fallbacks: list[int], stats: BatchStats, render: bool):
+    def with_replacement(self, task: Task, item: int, fallbacks: list[int], stats: BatchStats, render: bool,
+                         defer: bool = True):
         """Prepare (and render) ``item``; on failure count the reason and try the task's next fallback.
 
         Training batches stay full: the replacement is the next item of the plan, so it is the same in every
@@ -262,7 +269,7 @@ class BatchBuilder:
                 prepared = self.items.prepare(task.source, task.epoch, candidate)
                 if not render:
                     return prepared
-                return prepared, self.render_timed(prepared, stats)
+                return prepared, self.render_timed(prepared, stats, defer and self.defer)
             except SampleError as e:
                 stats.skips[e.reason] += 1
                 if not self.items.train:
@@ -273,9 +280,9 @@ class BatchBuilder:
                                      "the shards look broken") from None
                 candidate = fallbacks.pop(0)
 
-    def render_timed(self, prepared: Prepared, stats: BatchStats) -> Rendered:
+    def render_timed(self, prepared: Prepared, stats: BatchStats, defer: bool = False) -> Rendered:
         t0 = time.perf_counter()
-        rendered = self.items.render(prepared)
+        rendered = self.items.render(prepared, defer)
         stats.decode_seconds += time.perf_counter() - t0
         stats.decoded_frames += rendered.decoded
         stats.delivered_frames += rendered.delivered
@@ -285,25 +292,39 @@ class BatchBuilder:
         """The PyAV path: prepare and render every item (replacing bad ones), then assemble."""
         stats = BatchStats()
         fallbacks = list(task.fallbacks)
-        prepared, pixels = [], []
+        prepared, rendered = [], []
         for item in task.items:
             if item < 0:
                 prepared.append(None)
-                pixels.append(None)
+                rendered.append(None)
                 continue
             p, r = self.with_replacement(task, item, fallbacks, stats, render=True) or (None, None)
             prepared.append(p)
-            pixels.append(None if r is None else r.pixels)
-        return self.assemble(task, prepared, pixels, stats), stats
+            rendered.append(r)
+        return self.assemble_rendered(task, prepared, rendered, stats), stats
+
+    def assemble_rendered(self, task: Task, prepared: list[Prepared | None], rendered: list[Rendered | None],
+                          stats: BatchStats) -> Batch:
+        """Assemble rendered items: unfinished when every item is a deferred clip, else every clip finished here
+        (a video source that also holds pictures)."""
+        live = [r for r in rendered if r is not None]
+        if live and all(r.ops is not None for r in live):
+            return self.assemble(task, prepared, [None if r is None else r.pixels for r in rendered], stats,
+                                 ops=[None if r is None else r.ops for r in rendered])
+        pixels = [None if r is None else r.pixels if r.ops is None else self.items.clip_tf.finish(r.pixels, r.ops)
+                  for r in rendered]
+        return self.assemble(task, prepared, pixels, stats)
 
     def assemble(self, task: Task, prepared: list[Prepared | None], pixels: list[torch.Tensor | None],
-                 stats: BatchStats) -> Batch:
-        """Stack pixels to (B, C, T, H, W), encode texts, add MLM / PEM / QA / eval fields."""
+                 stats: BatchStats, ops: list[tuple[str, ...] | None] | None = None) -> Batch:
+        """Stack pixels to (B, C, T, H, W), encode texts, add MLM / PEM / QA / eval fields. With ``ops`` the
+        pixels are cropped uint8 clips and the batch leaves unfinished (``Batch.video_ops``)."""
         cfg = self.items.cfg
         t, s = self.items.num_frames, cfg.frame_size
         ref = next((p for p in pixels if p is not None), None)
         device = ref.device if ref is not None else torch.device("cpu")
-        video = batch_tensor((len(pixels), 3, t, s, s), device)  # (B, C, T, H, W), one copy of each clip
+        dtype = torch.float32 if ops is None else torch.uint8
+        video = batch_tensor((len(pixels), 3, t, s, s), device, dtype)  # (B, C, T, H, W), one copy of each clip
         for i, p in enumerate(pixels):
             if p is None:
                 video[i].zero_()
@@ -313,7 +334,7 @@ class BatchBuilder:
         input_ids, attention_mask = encode(self.tokenizer, texts, self.max_len)
         stats.items += sum(p is not None for p in prepared)
         batch = Batch(type=self.kinds[task.source], keys=[p.key if p is not None else "" for p in prepared],
-                      video=video, input_ids=input_ids, attention_mask=attention_mask, texts=texts)
+                      video=video, input_ids=input_ids, attention_mask=attention_mask, texts=texts, video_ops=ops)
         if self.mlm:
             seed = int(rng(self.items.seed, task.source, MLM, task.epoch, task.batch, self.rank).integers(1 << 62))
             generator = torch.Generator().manual_seed(seed)
@@ -322,7 +343,8 @@ class BatchBuilder:
         if self.items.pem:
             batch.pem_box = torch.tensor([p.box for p in prepared], dtype=torch.int64)
             batch.pem_mask = patch_mask(batch.pem_box, s, s, cfg.pem.patch_size)
-            batch.crop_video = crop_video(video, batch.pem_box)  # in the worker: the consumer only receives it
+            if ops is None:  # in the worker: the consumer only receives it (else built after the consumer's finish)
+                batch.crop_video = crop_video(video, batch.pem_box)
         if self.items.task == "qa":
             vocab = self.items.answer_vocab or {}
             batch.answers = [p.answer if p is not None else "" for p in prepared]

@@ -88,7 +88,7 @@ class _ShardStream(IterableDataset):
                     continue  # restoring: replay the buffer without decoding
                 try:
                     p = items.prepare_members(key, members, self.source, epoch, sample, -1)
-                    pixels.append(self.builder.render_timed(p, stats).pixels)
+                    pixels.append(self.builder.render_timed(p, stats, self.builder.defer))
                     prepared.append(p)
                     usable = True
                 except SampleError as e:
@@ -96,7 +96,7 @@ class _ShardStream(IterableDataset):
                     continue
                 if len(prepared) == self.batch_size:
                     task = Task(step=count, source=self.source, epoch=worker, batch=count, items=())
-                    batch = self.builder.assemble(task, prepared, pixels, stats)
+                    batch = self.builder.assemble_rendered(task, prepared, pixels, stats)
                     yield batch, stats, worker, [k, emitted]
                     stats, prepared, pixels, count = BatchStats(), [], [], count + 1
             barren = 0 if usable else barren + 1

@@ -192,13 +192,42 @@ class ClipTransform:
         # channels-last frames) keeps the old order so that every op sees the memory layout it always saw.
         if not frames.is_contiguous():
             frames = frames.float()
-        if params.crop is not None:
-            top, left = params.crop
-            frames = frames[..., top : top + self.frame_size, left : left + self.frame_size]
-        frames = frames.float()
-        for name in params.ops:
-            frames = apply_op(frames, name, self.magnitude, self.frame_size)
-        return normalize(frames)
+        return self.finish(self.crop(frames, params), params.ops)
+
+    def crop(self, frames: torch.Tensor, params: ClipParams) -> torch.Tensor:
+        """The ``frame_size`` crop of (T, C, resize, resize) frames: a view, same dtype."""
+        if params.crop is None:
+            return frames
+        top, left = params.crop
+        return frames[..., top : top + self.frame_size, left : left + self.frame_size]
+
+    def finish(self, frames: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
+        """Cropped (T, C, S, S) [0, 255] frames -> float32, RandAugment ``ops`` in order, CLIP-normalised."""
+        return finish_clip(frames, ops, self.magnitude, self.frame_size)
+
+
+def finish_clip(frames: torch.Tensor, ops: tuple[str, ...], magnitude: float, frame_size: int) -> torch.Tensor:
+    """(T, C, S, S) [0, 255] -> (T, C, S, S) float32: the clip's RandAugment ops in order, then normalised.
+    The ops see the layout of ``frames.float()`` (the crop of contiguous frames converts to contiguous)."""
+    frames = frames.float()
+    for name in ops:
+        frames = apply_op(frames, name, magnitude, frame_size)
+    return normalize(frames)
+
+
+def finish_batch(video: torch.Tensor, ops: list[tuple[str, ...] | None], magnitude: float,
+                 frame_size: int) -> torch.Tensor:
+    """A batch the loader left unfinished (``data.augment_on: device``): (B, C, T, S, S) uint8 [0, 255] and each
+    clip's ops (None = a padding row) -> (B, C, T, S, S) float32 CLIP-normalised on ``video``'s device, every
+    clip exactly as :meth:`ClipTransform.apply` would have made it (padding rows are 0, as the loader's)."""
+    out = torch.empty(video.shape, dtype=torch.float32, device=video.device)
+    for i, names in enumerate(ops):
+        if names is None:
+            out[i].zero_()
+        else:
+            clip = video[i].transpose(0, 1).contiguous()  # (T, C, S, S), the layout of the loader's crop
+            out[i].copy_(finish_clip(clip, names, magnitude, frame_size).transpose(0, 1))
+    return out
 
 
 class ImageTransform:
