@@ -1,9 +1,9 @@
 """The loader the trainer and evaluators iterate: one shell over a :class:`~alpro.data.protocol.BatchSource`.
 
 The shell owns what every data path shares -- the resume state (header, version and settings checks), which
-source each training step draws from, the metrics window and the skip counts, the PEM crop and pinning -- so
-each exists once; the back-ends (plan + PyAV, plan + DALI, ``pipe:`` streaming, DALI's reader) only turn steps
-into batches. Build one with :func:`alpro.data.build_train_loader` / :func:`alpro.data.build_eval_loader`.
+source each training step draws from, the metrics window and the skip counts, the PEM crop, pinning, and the
+device-side finish of batches the workers left unfinished -- so each exists once; the back-ends (plan + PyAV,
+plan + DALI, ``pipe:`` streaming, DALI's reader) only turn steps into batches. Build one with :func:`alpro.data.build_train_loader` / :func:`alpro.data.build_eval_loader`.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class Loader:
                 return
             if batch.video_ops is not None:
                 batch = self._finish(batch)
-            if batch.pem_box is not None and batch.crop_video is None:
+            elif batch.pem_box is not None and batch.crop_video is None:
                 batch.crop_video = crop_video(batch.video, batch.pem_box)
             if self.cfg.pin_memory and torch.cuda.is_available() and batch.video.device.type == "cpu":
                 batch = pin_batch(batch)
@@ -142,7 +142,8 @@ class Loader:
 
     def _finish(self, batch: Batch) -> Batch:
         """A batch the workers left unfinished (``data.augment_on: device``): its uint8 clips go to the training
-        device (the current CUDA device, else the CPU), where their RandAugment ops and normalisation run."""
+        device (the current CUDA device, else the CPU), where their RandAugment ops, normalisation and PEM crop
+        input are made."""
         video = batch.video
         if torch.cuda.is_available():
             if self.cfg.pin_memory:
@@ -150,6 +151,8 @@ class Loader:
             video = video.to(torch.device("cuda", torch.cuda.current_device()), non_blocking=True)
         batch.video = finish_batch(video, batch.video_ops, self.cfg.randaugment.magnitude, self.cfg.frame_size)
         batch.video_ops = None
+        if batch.pem_box is not None:
+            batch.crop_video = crop_video(batch.video, batch.pem_box)
         return batch
 
     def plan(self, steps: int | None = None) -> Iterator[dict]:
