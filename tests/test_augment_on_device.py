@@ -63,7 +63,7 @@ def test_worker_batches_cross_as_uint8_with_their_ops(loader_shards, tok):
     cfg = make_cfg(loader_shards, augment_on="device")
     loader = build_train_loader(cfg, "pretrain", tok, rank=0, world_size=1, seed=5)
     raw, _ = next(loader.source.batches(0, len(loader), lambda step: 0))
-    assert raw.video.dtype == torch.uint8 and raw.video.shape == (3, 3, 4, 32, 32)
+    assert raw.video.dtype == torch.uint8 and raw.video.shape == (3, 4, 32, 32, 3)  # (B, T, H, W, C) as decoded
     assert raw.crop_video is None and len(raw.video_ops) == 3 and all(len(ops) == 2 for ops in raw.video_ops)
     finished = next(iter(loader))
     assert finished.video_ops is None and finished.video.dtype == torch.float32
@@ -107,16 +107,19 @@ def test_finish_batch_equals_the_loaders_transform_and_zeroes_padding(loader_sha
     key, members = reader.sample(*shardset.locate(0))
     frames, _ = decode_video(members["mp4"], np.array([0, 2, 4, 6]), meta_from_json(read_meta(members)), tf.resize)
     params = [ClipParams(crop=(1, 3), ops=("Rotate", "Sharpness")), None, ClipParams(crop=(4, 0), ops=())]
-    video = torch.zeros((3, 3, 4, 32, 32), dtype=torch.uint8)
+    video = torch.zeros((3, 4, 32, 32, 3), dtype=torch.uint8)  # (B, T, H, W, C)
     for i, p in enumerate(params):
         if p is not None:
-            video[i].copy_(tf.crop(frames, p).transpose(0, 1))
+            video[i].copy_(tf.crop_hwc(frames.permute(0, 2, 3, 1), p))
     out = finish_batch(video, [None if p is None else p.ops for p in params], tf.magnitude, tf.frame_size)
     for i, p in enumerate(params):
         expected = torch.zeros(4, 3, 32, 32) if p is None else tf.apply(frames, p)
         assert torch.equal(out[i], expected.transpose(0, 1)), i
     # a mixed batch (a clip next to a picture) is finished in the worker with the same values
-    assert torch.equal(tf.finish(tf.crop(frames, params[0]), params[0].ops), tf.apply(frames, params[0]))
+    hwc = tf.crop_hwc(frames.permute(0, 2, 3, 1).contiguous(), params[0])
+    assert torch.equal(tf.finish(hwc.permute(0, 3, 1, 2).contiguous(), params[0].ops), tf.apply(frames, params[0]))
+    assert torch.equal(decode_video(members["mp4"], np.array([0, 2, 4, 6]), meta_from_json(read_meta(members)),
+                                    tf.resize, channels_last=True)[0], frames.permute(0, 2, 3, 1))
 
 
 def test_augment_on_is_validated(loader_shards):

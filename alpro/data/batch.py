@@ -37,7 +37,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, L) int64, 1 = real token
     texts: list[str] = field(default_factory=list)  # the raw caption / question behind input_ids (B)
     # Set only between a DataLoader worker and the loader's consumer (``data.augment_on: device``): ``video`` is
-    # then (B, C, T, H, W) uint8 [0, 255], cropped, and each clip's RandAugment ops (None = padding) are still to
+    # then (B, T, H, W, C) uint8 [0, 255], cropped, and each clip's RandAugment ops (None = padding) are still to
     # apply; ``Loader`` finishes the batch on the training device before yielding it, so models never see it.
     video_ops: list[tuple[str, ...] | None] | None = None
 

@@ -121,8 +121,9 @@ def probe(data: bytes) -> VideoMeta:
 
 
 def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, interpolation: str = "bilinear",
-                 threads: int = 1) -> tuple[torch.Tensor, int]:
-    """Frames ``indices`` (sorted, may repeat) resized to size x size -> ((T, 3, size, size) uint8, frames decoded).
+                 threads: int = 1, channels_last: bool = False) -> tuple[torch.Tensor, int]:
+    """Frames ``indices`` (sorted, may repeat) resized to size x size -> ((T, 3, size, size) uint8, frames decoded);
+    ``channels_last``: (T, size, size, 3) as the decoder gives them (no transposing copy).
 
     Raises SampleError('frame_count') when the stream ends before a target (metadata that lies) and
     SampleError('decode_error') for anything FFmpeg rejects."""
@@ -165,6 +166,11 @@ def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, i
                     raise SampleError("decode_error", f"frame {t} was not produced (seek landed at {pos})")
     except av.FFmpegError as e:
         raise SampleError("decode_error", str(e)) from None
+    if channels_last:
+        out = torch.empty((len(indices), size, size, 3), dtype=torch.uint8)  # (T, H, W, 3)
+        for j, i in enumerate(indices):
+            out[j].copy_(torch.from_numpy(got[int(i)]))
+        return out, decoded
     out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)  # (T, 3, H, W): one HWC -> CHW copy each
     for j, i in enumerate(indices):
         out[j].copy_(torch.from_numpy(got[int(i)]).permute(2, 0, 1))

@@ -117,7 +117,7 @@ class Prepared:
 
 @dataclass
 class Rendered:
-    pixels: torch.Tensor  # (T, C, S, S) float32 normalised; uint8 [0, 255] when ``ops`` is not None
+    pixels: torch.Tensor  # (T, C, S, S) float32 normalised; (T, S, S, C) uint8 [0, 255] when ``ops`` is not None
     decoded: int  # frames the decoder produced
     delivered: int  # frames returned
     ops: tuple[str, ...] | None = None  # a deferred clip: RandAugment ops + normalisation still to apply
@@ -211,14 +211,14 @@ class ItemLoader:
             out.text = captions[0]
 
     def render(self, p: Prepared, defer: bool = False) -> Rendered:
-        """Decode and transform an item; ``defer``: a video clip comes back cropped, uint8, with its ops left to
-        apply (``data.augment_on: device``)."""
+        """Decode and transform an item; ``defer``: a video clip comes back cropped, uint8, channels last, with its
+        ops left to apply (``data.augment_on: device``)."""
         if p.media == "video":
             size = self.clip_tf.resize
             raw, decoded = decode_video(p.data, p.frames, p.vmeta, size, self.cfg.interpolation,
-                                        self.cfg.decoder_threads)
+                                        self.cfg.decoder_threads, channels_last=defer)
             if defer:
-                return Rendered(self.clip_tf.crop(raw, p.clip), decoded, len(p.frames), ops=p.clip.ops)
+                return Rendered(self.clip_tf.crop_hwc(raw, p.clip), decoded, len(p.frames), ops=p.clip.ops)
             return Rendered(self.clip_tf.apply(raw, p.clip), decoded, len(p.frames))
         pixels = self.image_tf.apply(decode_picture(p.data, self.cfg.limits.image_pixels), p.image)  # (1, C, S, S)
         return Rendered(pixels.expand(self.num_frames, -1, -1, -1), 1, 1)
@@ -311,25 +311,28 @@ class BatchBuilder:
         if live and all(r.ops is not None for r in live):
             return self.assemble(task, prepared, [None if r is None else r.pixels for r in rendered], stats,
                                  ops=[None if r is None else r.ops for r in rendered])
-        pixels = [None if r is None else r.pixels if r.ops is None else self.items.clip_tf.finish(r.pixels, r.ops)
-                  for r in rendered]
+        pixels = [None if r is None else r.pixels if r.ops is None else
+                  self.items.clip_tf.finish(r.pixels.permute(0, 3, 1, 2).contiguous(), r.ops) for r in rendered]
         return self.assemble(task, prepared, pixels, stats)
 
     def assemble(self, task: Task, prepared: list[Prepared | None], pixels: list[torch.Tensor | None],
                  stats: BatchStats, ops: list[tuple[str, ...] | None] | None = None) -> Batch:
         """Stack pixels to (B, C, T, H, W), encode texts, add MLM / PEM / QA / eval fields. With ``ops`` the
-        pixels are cropped uint8 clips and the batch leaves unfinished (``Batch.video_ops``)."""
+        pixels are cropped (T, H, W, C) uint8 clips and the batch leaves unfinished, (B, T, H, W, C) uint8 with
+        ``Batch.video_ops``."""
         cfg = self.items.cfg
         t, s = self.items.num_frames, cfg.frame_size
         ref = next((p for p in pixels if p is not None), None)
         device = ref.device if ref is not None else torch.device("cpu")
-        dtype = torch.float32 if ops is None else torch.uint8
-        video = batch_tensor((len(pixels), 3, t, s, s), device, dtype)  # (B, C, T, H, W), one copy of each clip
+        if ops is None:
+            video = batch_tensor((len(pixels), 3, t, s, s), device)  # (B, C, T, H, W), one copy of each clip
+        else:
+            video = batch_tensor((len(pixels), t, s, s, 3), device, torch.uint8)  # (B, T, H, W, C), as decoded
         for i, p in enumerate(pixels):
             if p is None:
                 video[i].zero_()
             else:
-                video[i].copy_(p.transpose(0, 1))  # (T, C, H, W) -> (C, T, H, W)
+                video[i].copy_(p if ops is not None else p.transpose(0, 1))  # (T, C, H, W) -> (C, T, H, W)
         texts = [p.text if p is not None else "" for p in prepared]
         input_ids, attention_mask = encode(self.tokenizer, texts, self.max_len)
         stats.items += sum(p is not None for p in prepared)

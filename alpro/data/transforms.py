@@ -201,6 +201,13 @@ class ClipTransform:
         top, left = params.crop
         return frames[..., top : top + self.frame_size, left : left + self.frame_size]
 
+    def crop_hwc(self, frames: torch.Tensor, params: ClipParams) -> torch.Tensor:
+        """:meth:`crop` of channels-last (T, resize, resize, C) frames."""
+        if params.crop is None:
+            return frames
+        top, left = params.crop
+        return frames[:, top : top + self.frame_size, left : left + self.frame_size]
+
     def finish(self, frames: torch.Tensor, ops: tuple[str, ...]) -> torch.Tensor:
         """Cropped (T, C, S, S) [0, 255] frames -> float32, RandAugment ``ops`` in order, CLIP-normalised."""
         return finish_clip(frames, ops, self.magnitude, self.frame_size)
@@ -217,15 +224,16 @@ def finish_clip(frames: torch.Tensor, ops: tuple[str, ...], magnitude: float, fr
 
 def finish_batch(video: torch.Tensor, ops: list[tuple[str, ...] | None], magnitude: float,
                  frame_size: int) -> torch.Tensor:
-    """A batch the loader left unfinished (``data.augment_on: device``): (B, C, T, S, S) uint8 [0, 255] and each
-    clip's ops (None = a padding row) -> (B, C, T, S, S) float32 CLIP-normalised on ``video``'s device, every
-    clip exactly as :meth:`ClipTransform.apply` would have made it (padding rows are 0, as the loader's)."""
-    out = torch.empty(video.shape, dtype=torch.float32, device=video.device)
+    """A batch the loader left unfinished (``data.augment_on: device``): (B, T, S, S, C) uint8 [0, 255] as decoded
+    and each clip's ops (None = a padding row) -> (B, C, T, S, S) float32 CLIP-normalised on ``video``'s device,
+    every clip exactly as :meth:`ClipTransform.apply` would have made it (padding rows are 0, as the loader's)."""
+    b, t, h, w, c = video.shape
+    out = torch.empty((b, c, t, h, w), dtype=torch.float32, device=video.device)
     for i, names in enumerate(ops):
         if names is None:
             out[i].zero_()
         else:
-            clip = video[i].transpose(0, 1).contiguous()  # (T, C, S, S), the layout of the loader's crop
+            clip = video[i].permute(0, 3, 1, 2).contiguous()  # (T, C, S, S), the layout of the loader's crop
             out[i].copy_(finish_clip(clip, names, magnitude, frame_size).transpose(0, 1))
     return out
 
