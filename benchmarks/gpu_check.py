@@ -22,6 +22,10 @@ Sections, one printed line per case (``PASS`` / ``FAIL`` / ``SKIP`` and what was
 3. ``dali``: DALI ``mixed`` (NVDEC) decoding of H.264 clips (keyframe every 6 frames, B-frames) against PyAV at
    the same frame indices, before any resize: luma PSNR >= 40 dB (RGB PSNR is reported too; it also measures the
    two libraries' different chroma upsampling), and clips/s of each.
+   ``augment``: ``data.augment_on: device`` (the GPU default): the device step (RandAugment ops, normalisation)
+   on the GPU against the loader's CPU transform of the same uint8 clips and drawn ops, at 224 px: worst error
+   <= 0.5 grey levels (TF32 convolutions and CUDA's bilinear rounding differ from the CPU's), and ms per clip of
+   each. Smoke mode runs it on the CPU, where the two must be bit-identical.
 4. ``train``: 30 pre-training steps of ``alpro-base`` at 224 px on the GPU (bf16, ZeRO-2, NCCL, one process,
    all four losses, a frozen prompter trained for 2 steps first): samples/s, MFU from ``bench_model.py``'s FLOP
    count, peak memory, data-wait share (the trainer's own ``metrics.jsonl``).
@@ -539,6 +543,52 @@ def section_dali(rep: Report, plan: dict, device: str, work: Path) -> None:
             pyav_clips_per_s=round(n / pyav_s, 2), clips=n)  # fmt: skip
 
 
+# ------------------------------------------------------------------------------------------------- augment
+
+
+AUGMENT_MAX_GREY = 0.5  # worst |device - CPU| in grey levels of 255
+
+
+def section_augment(rep: Report, plan: dict, device: str) -> None:
+    """``data.augment_on: device``: ``finish_batch`` on ``device`` against ``ClipTransform.apply`` on the CPU for
+    the same cropped uint8 clips and every pre-training op pair; ms per clip of each."""
+    import numpy as np
+    import torch
+
+    from alpro.config import from_dict
+    from alpro.data import CLIP_STD, DataConfig
+    from alpro.data.transforms import ClipParams, ClipTransform, finish_batch
+
+    size, clips = plan["augment_size"], plan["augment_clips"]
+    cfg = from_dict(DataConfig, {"frame_size": size, "num_frames": 4})
+    tf = ClipTransform(cfg, "pretrain", train=True)
+    g = np.random.default_rng(0)
+    ops = [tuple(str(o) for o in g.choice(tf.ops, size=2, replace=False)) for _ in range(clips)]
+    frames = torch.from_numpy(g.integers(0, 256, (clips, 4, size, size, 3), dtype=np.uint8))  # (B, T, H, W, C)
+    tf.apply(frames[0].permute(0, 3, 1, 2).contiguous(), ClipParams(crop=None, ops=ops[0]))  # warm-up (grids)
+    t0 = time.perf_counter()
+    ref = torch.stack([tf.apply(f.permute(0, 3, 1, 2).contiguous(), ClipParams(crop=None, ops=o))
+                       for f, o in zip(frames, ops)]).transpose(1, 2)  # (B, C, T, H, W)
+    cpu_ms = 1000 * (time.perf_counter() - t0) / clips
+    video = frames.to(device)
+    finish_batch(video, ops, tf.magnitude, tf.frame_size)  # warm-up (grids, kernels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = finish_batch(video, ops, tf.magnitude, tf.frame_size)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dev_ms = 1000 * (time.perf_counter() - t0) / clips
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1, 1) * 255.0
+    grey = float(((out.cpu() - ref).abs() * std).max())
+    ok = grey == 0.0 if device == "cpu" else grey <= AUGMENT_MAX_GREY
+    rule = "bit-identical on the CPU" if device == "cpu" else f"<= {AUGMENT_MAX_GREY} grey levels"
+    rep.add("augment", f"augment_on device, {clips} clips x 4 frames {size}px, {device} vs cpu loader",
+            "PASS" if ok else "FAIL", f"worst error {grey:.4f} grey levels ({rule}); device step {dev_ms:.2f} ms per "
+            f"clip, loader's CPU transform {cpu_ms:.2f} ms per clip", max_grey=round(grey, 5),
+            device_ms_per_clip=round(dev_ms, 3), cpu_ms_per_clip=round(cpu_ms, 3), clips=clips)
+
+
 # --------------------------------------------------------------------------------------------------- train
 
 
@@ -627,7 +677,7 @@ FULL = {
     "contrastive_shapes": [(16, 256), (16, 16), (512, 4096), (4096, 32768), (16384, 16384)],
     "speed_shapes": [(16, 4), (32, 4), (16, 8), (32, 8), (16, 16)],
     "contrastive_speed": [(16, 256), (4096, 32768), (16384, 16384)],
-    "dali_size": (400, 224), "dali_clips": 32,
+    "dali_size": (400, 224), "dali_clips": 32, "augment_size": 224, "augment_clips": 32,
     "train_preset": "alpro-base", "train_size": 224, "train_resize": 256, "train_short_side": 256,
     "train_steps": 30, "train_batch": 16, "train_workers": 6, "train_clips": 320, "train_precision": "bf16",
     "numerics_budget_s": 200.0, "column_split": "auto",
@@ -639,7 +689,7 @@ SMOKE = {
     "contrastive_shapes": [(8, 24)],
     "speed_shapes": [(1, 2)],
     "contrastive_speed": [(8, 24)],
-    "dali_size": (96, 64), "dali_clips": 4,
+    "dali_size": (96, 64), "dali_clips": 4, "augment_size": 64, "augment_clips": 8,
     "train_preset": "alpro-base", "train_size": 224, "train_resize": 256, "train_short_side": 256,
     "train_steps": 30, "train_batch": 16, "train_workers": 6, "train_clips": 320, "train_precision": "bf16",
     "numerics_budget_s": float("inf"), "column_split": 3,  # smoke mode checks every case, however loaded the CPU
@@ -687,7 +737,7 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     axes[0].set_title(f"divided attention ({device})")
     if providers:
         axes[0].legend(fontsize=7)
-    sections = ["numerics", "speed", "dali", "train"]
+    sections = ["numerics", "speed", "dali", "augment", "train"]
     for k, (status, color) in enumerate((("PASS", "tab:green"), ("FAIL", "tab:red"), ("SKIP", "tab:gray"))):
         counts = [sum(r["section"] == s and r["status"] == status for r in rows) for s in sections]
         axes[1].bar([j + k * 0.27 for j in range(len(sections))], counts, 0.27, label=status, color=color)
@@ -713,7 +763,7 @@ def write(rows: list[dict], env: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, Triton interpreter (default without CUDA)")
-    parser.add_argument("--sections", default="numerics,speed,dali,train", help="comma-separated subset")
+    parser.add_argument("--sections", default="numerics,speed,dali,augment,train", help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="JSON/CSV/plot folder")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "alpro_gpu_check")
     parser.add_argument("--train-on-cpu", action="store_true",
@@ -741,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = {"numerics": lambda: section_numerics(rep, plan, device, arch, plan["numerics_budget_s"]),
                 "speed": lambda: section_speed(rep, plan, device, env),
                 "dali": lambda: section_dali(rep, plan, device, args.work),
+                "augment": lambda: section_augment(rep, plan, device),
                 "train": lambda: section_train(rep, plan, device, env, args.work, args.train_on_cpu and smoke)}  # fmt: skip
     t0 = time.perf_counter()
     for name in args.sections.split(","):

@@ -75,6 +75,8 @@ def test_smoke_speed_dali_and_train_rows(smoke):
     assert all(r["ms_p50"] > 0 for r in speed if r["status"] == "PASS")
     (dali,) = [r for r in rows if r["section"] == "dali"]
     assert dali["status"] == "PASS" and dali["psnr_luma_db"] >= 40 and dali["clips"] == 4
+    (augment,) = [r for r in rows if r["section"] == "augment"]
+    assert augment["status"] == "PASS" and augment["max_grey"] == 0.0 and augment["clips"] == 8  # CPU: bit-identical
     (train,) = [r for r in rows if r["section"] == "train"]
     assert train["status"] == "SKIP" and "CUDA" in train["detail"]  # stated, not faked
 
