@@ -166,14 +166,11 @@ def decode_video(data: bytes, indices: np.ndarray, meta: VideoMeta, size: int, i
                     raise SampleError("decode_error", f"frame {t} was not produced (seek landed at {pos})")
     except av.FFmpegError as e:
         raise SampleError("decode_error", str(e)) from None
-    if channels_last:
-        out = torch.empty((len(indices), size, size, 3), dtype=torch.uint8)  # (T, H, W, 3)
-        for j, i in enumerate(indices):
-            out[j].copy_(torch.from_numpy(got[int(i)]))
-        return out, decoded
-    out = torch.empty((len(indices), 3, size, size), dtype=torch.uint8)  # (T, 3, H, W): one HWC -> CHW copy each
+    shape = (len(indices), size, size, 3) if channels_last else (len(indices), 3, size, size)
+    out = torch.empty(shape, dtype=torch.uint8)  # one copy of each frame (HWC -> CHW unless channels_last)
     for j, i in enumerate(indices):
-        out[j].copy_(torch.from_numpy(got[int(i)]).permute(2, 0, 1))
+        frame = torch.from_numpy(got[int(i)])
+        out[j].copy_(frame if channels_last else frame.permute(2, 0, 1))
     return out, decoded
 
 

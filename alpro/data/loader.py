@@ -3,7 +3,8 @@
 The shell owns what every data path shares -- the resume state (header, version and settings checks), which
 source each training step draws from, the metrics window and the skip counts, the PEM crop, pinning, and the
 device-side finish of batches the workers left unfinished -- so each exists once; the back-ends (plan + PyAV,
-plan + DALI, ``pipe:`` streaming, DALI's reader) only turn steps into batches. Build one with :func:`alpro.data.build_train_loader` / :func:`alpro.data.build_eval_loader`.
+plan + DALI, ``pipe:`` streaming, DALI's reader) only turn steps into batches. Build one with
+:func:`alpro.data.build_train_loader` / :func:`alpro.data.build_eval_loader`.
 """
 
 from __future__ import annotations

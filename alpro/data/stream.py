@@ -73,7 +73,7 @@ class _ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         k, skip = self.positions.get(worker, [0, 0])
         items = self.builder.items
-        stats, prepared, pixels, count = BatchStats(), [], [], 0
+        stats, prepared, rendered, count = BatchStats(), [], [], 0
         # Draws in a row that gave no usable sample: commands that print nothing (or only bad samples) would
         # otherwise be drawn forever without a batch. Reaching the limit is all but impossible for a set with
         # any good shard (each draw is uniform over the shards).
@@ -88,7 +88,7 @@ class _ShardStream(IterableDataset):
                     continue  # restoring: replay the buffer without decoding
                 try:
                     p = items.prepare_members(key, members, self.source, epoch, sample, -1)
-                    pixels.append(self.builder.render_timed(p, stats, self.builder.defer))
+                    rendered.append(self.builder.render_timed(p, stats, self.builder.defer))
                     prepared.append(p)
                     usable = True
                 except SampleError as e:
@@ -96,9 +96,9 @@ class _ShardStream(IterableDataset):
                     continue
                 if len(prepared) == self.batch_size:
                     task = Task(step=count, source=self.source, epoch=worker, batch=count, items=())
-                    batch = self.builder.assemble_rendered(task, prepared, pixels, stats)
+                    batch = self.builder.assemble_rendered(task, prepared, rendered, stats)
                     yield batch, stats, worker, [k, emitted]
-                    stats, prepared, pixels, count = BatchStats(), [], [], count + 1
+                    stats, prepared, rendered, count = BatchStats(), [], [], count + 1
             barren = 0 if usable else barren + 1
             if barren >= limit:
                 skipped = ", ".join(f"{n} {r}" for r, n in sorted(stats.skips.items())) or "no tar data at all"
