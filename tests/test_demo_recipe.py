@@ -25,6 +25,8 @@ def test_demo_stage_configs_resolve_and_agree(stage):
     assert "HorizontalFlip" not in cfg.data.randaugment.ops
     # An image crop below ~0.8 of the picture cuts captioned objects out (the caption still names them).
     assert cfg.data.randaugment.image_min_scale >= 0.8
+    # QA trains on the pre-trained video features as they are; the contrastive stages train the encoder.
+    assert cfg.model.freeze_video_encoder is (stage == "qa")
 
 
 def test_demo_entities_are_the_corpus_nouns(tmp_path):

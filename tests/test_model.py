@@ -285,6 +285,38 @@ def test_original_ckpt_freeze_leaves_timesformer_attn_and_mlp_without_gradient(t
     assert any(n.endswith("temporal_norm1.weight") for n in without) and not any("norm" in n for n in frozen[1])
 
 
+def test_freeze_video_encoder_trains_everything_else_exactly_as_before():
+    """Issue 14: ``freeze_video_encoder`` (the demo's QA stage) leaves every video-encoder weight without gradient
+    and out of the optimizer, keeps the encoder in eval mode through ``train()`` and builds no graph through it;
+    the text, fusion and QA-head gradients equal those of the unfrozen model with its encoder in eval mode."""
+    from alpro.train.runtime import param_groups
+
+    grads = []
+    for knob in (False, True):
+        cfg = dataclasses.replace(debug_cfg(), freeze_video_encoder=knob)
+        torch.manual_seed(0)
+        model = build_model(cfg, "qa", vocab_size=VOCAB, num_answers=3).train()
+        if not knob:
+            model.video_encoder.eval()  # the reference: same forward (no stochastic depth), encoder still trains
+        batch = make_batch(cfg)
+        batch.answer_ids = torch.tensor([0, 2, 1, 2])
+        video = model.encode_video(batch.video)
+        assert video.requires_grad is not knob
+        model(batch)["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        encoder = {n for n, _ in model.named_parameters() if n.startswith("video_encoder.")}
+        in_optimizer = {id(p) for g in param_groups(model, 0.01, model.no_weight_decay()) for p in g["params"]}
+        names_in_optimizer = {n for n, p in model.named_parameters() if id(p) in in_optimizer}
+        assert bool(encoder & names_in_optimizer) is not knob
+        if knob:
+            assert not model.video_encoder.training and model.text_encoder.training
+            assert all(grads[-1][n] is None for n in encoder)
+    without, frozen = grads
+    for name, g in without.items():
+        if not name.startswith("video_encoder."):
+            torch.testing.assert_close(frozen[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------------- losses
 
 

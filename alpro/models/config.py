@@ -131,6 +131,15 @@ class ModelConfig:
     whose grad is None); gradients still flow through them to everything else, as in the original. Independent of
     ``grad_checkpointing``: ours computes full gradients either way. Default False: every weight trains (the fix)."""
 
+    freeze_video_encoder: bool = False
+    """Train with the whole video encoder frozen: no weight of it changes, it runs in eval mode (no stochastic
+    depth) and under ``torch.no_grad`` (no backward through it). The published QA fine-tuning already left every
+    TimeSformer block's attn / temporal_attn / mlp untrained (``original_ckpt_freeze``); this goes the rest of the
+    way, so a step costs the video forward only (~0.4x a full step for the tiny preset). The demo's QA stage
+    uses it: from the demo's pre-trained weights, 400 full fine-tuning steps answered 38 % of the test questions
+    (training accuracy flat at ~38 % from step ~100), 1200 frozen steps 47 % (docs/corpus.md, issue 14).
+    Default False: every weight trains."""
+
     def __post_init__(self) -> None:
         if not 0 < self.temp_min <= self.temp_init <= self.temp_max:
             raise ValueError(f"need 0 < temp_min <= temp_init <= temp_max, got {self.temp_min}, "

@@ -44,6 +44,8 @@ class DualEncoder(nn.Module):
         self.video_encoder = VideoEncoder(cfg.vision, cfg.attention_backend)
         if cfg.original_ckpt_freeze:  # the published QA run's frozen TimeSformer weights (see the config field)
             self.video_encoder.freeze_as_original_checkpointing()
+        if cfg.freeze_video_encoder:  # frozen whole: eval mode, no graph (see the config field)
+            self.video_encoder.requires_grad_(False).eval()
         self.text_encoder = TextEncoder(cfg.text, text_only=text_only, mlm_head=mlm_head)
         if projections:
             self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
@@ -64,8 +66,18 @@ class DualEncoder(nn.Module):
         tokens = ("cls_token", "pos_embed", "time_embed")
         return {n for n, p in self.named_parameters() if p.requires_grad and (p.ndim < 2 or n.endswith(tokens))}
 
+    def train(self, mode: bool = True):
+        """A frozen video encoder (``ModelConfig.freeze_video_encoder``) stays in eval mode."""
+        super().train(mode)
+        if self.cfg.freeze_video_encoder:
+            self.video_encoder.eval()
+        return self
+
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, 1+P, D): [CLS; patches pooled over time]."""
+        if self.cfg.freeze_video_encoder:
+            with torch.no_grad():
+                return self.video_encoder(video)
         return self.video_encoder(video)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
