@@ -105,7 +105,7 @@ def run_demo(out: Path, num_clips: int, nproc: int, scale: float) -> dict:
     no_eval, test = ["--data.test.video", "null"], ["--data.test.video", str(shards / "test_video")]
     # Contrastive stages at 16 clips a rank (common.yaml): ~0.24 s a prompter step on two cores, so the prompter,
     # which teaches VTC the objects, gets most of the time; pre-training added nothing to retrieval (docs/corpus.md).
-    steps = {name: max(1, round(n * scale)) for name, n in (("prompter", 800), ("pretrain", 120), ("qa", 800))}
+    steps = {name: max(1, round(n * scale)) for name, n in (("prompter", 800), ("pretrain", 120), ("qa", 600))}
     step("prompter", (runs / "prompter" / "final" / "model.safetensors").is_file(),
          _torchrun(nproc, "--config", str(CONFIGS / "prompter.yaml"), "--train.run_dir", str(runs / "prompter"),
                    "--train.steps", str(steps["prompter"]), "--train.resume", "auto", *data))
