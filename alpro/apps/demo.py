@@ -1,6 +1,6 @@
 """The main job end to end on the embedded corpus: what ``make demo`` runs.
 
-    alpro demo --out demo_out            # ~12 minutes on 2 CPU cores after installation
+    alpro demo --out demo_out            # 10-13 minutes on 2 CPU cores after installation
 
 1. ``alpro synth``: the shapes-world corpus (H.264 clips, JPEG images, captions, QA, splits);
 2. ``alpro shard``: train videos, train images and test videos into three shard sets;
