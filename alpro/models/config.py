@@ -133,7 +133,7 @@ class ModelConfig:
 
     freeze_video_encoder: bool = False
     """Train with the whole video encoder frozen: no weight of it changes, it runs in eval mode (no stochastic
-    depth) and under ``torch.no_grad`` (no backward through it). The published QA fine-tuning already left every
+    depth) and, as none of its weights requires grad, autograd keeps no graph through it (no backward). The published QA fine-tuning already left every
     TimeSformer block's attn / temporal_attn / mlp untrained (``original_ckpt_freeze``); this goes the rest of the
     way, so a step costs the video forward only (~0.4x a full step for the tiny preset). The demo's QA stage
     uses it: from the demo's pre-trained weights, 400 full fine-tuning steps answered 38 % of the test questions

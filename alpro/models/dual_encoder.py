@@ -44,7 +44,7 @@ class DualEncoder(nn.Module):
         self.video_encoder = VideoEncoder(cfg.vision, cfg.attention_backend)
         if cfg.original_ckpt_freeze:  # the published QA run's frozen TimeSformer weights (see the config field)
             self.video_encoder.freeze_as_original_checkpointing()
-        if cfg.freeze_video_encoder:  # frozen whole: eval mode, no graph (see the config field)
+        if cfg.freeze_video_encoder:  # frozen whole: eval mode; no weight needs grad, so no graph is built
             self.video_encoder.requires_grad_(False).eval()
         self.text_encoder = TextEncoder(cfg.text, text_only=text_only, mlm_head=mlm_head)
         if projections:
@@ -75,9 +75,6 @@ class DualEncoder(nn.Module):
 
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """(B, C, T, H, W) -> (B, 1+P, D): [CLS; patches pooled over time]."""
-        if self.cfg.freeze_video_encoder:
-            with torch.no_grad():
-                return self.video_encoder(video)
         return self.video_encoder(video)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
